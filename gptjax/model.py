@@ -1,0 +1,301 @@
+"""GPT-2 in Flax linen, mirroring nanoGPT's model.py module for module.
+
+Shape letters used in names and comments throughout gptjax:
+  B  batch               T  query length (tokens in this call)
+  S  key/value length    C  n_embd (model width)
+  N  n_head              H  head size (C // N)
+  V  vocab_size          F  MLP hidden width (4 * C)
+
+Parameter names follow GPT-2 (`wte wpe h_0.. ln_1 attn c_attn c_proj ln_2 mlp c_fc ln_f`) and
+Dense kernels are stored (in, out) like HF's Conv1D, so weight import/export is a rename (plus a
+transpose for nanoGPT's nn.Linear layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = ("gelu", "gelu_tanh")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Model hyper-parameters; defaults are nanoGPT's (GPT-2 124M with the vocab padded to 50304)."""
+
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Dense and LayerNorm, as GPT-2; False is a bit better and faster
+    dtype: str = "float32"  # compute dtype; parameters always stay float32
+    activation: str = "gelu"  # "gelu": exact erf (nanoGPT); "gelu_tanh": HF GPT-2's gelu_new
+    layer_norm_eps: float = 1e-5
+    attention: str = "auto"  # "auto": jax.nn.dot_product_attention (cuDNN flash on GPU when it can)
+    remat: str = "none"  # rematerialise each block in the backward pass: "full" or "dots" (keep matmuls)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "choose n_embd as a multiple of n_head"
+            )
+        for name, value, allowed in (
+            ("activation", self.activation, ACTIVATIONS),
+            ("attention", self.attention, ATTENTION_IMPLS),
+            ("remat", self.remat, REMAT_POLICIES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of ('float32', 'bfloat16', 'float16')")
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+
+# GPT-2's published sizes; vocab 50257 and bias on, as the released checkpoints are.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+def preset(name: str, **overrides: Any) -> GPTConfig:
+    """GPTConfig for a released GPT-2 size (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = dict(block_size=1024, vocab_size=50257, bias=True, activation="gelu_tanh")
+    fields.update(PRESETS[name])
+    fields.update(overrides)
+    return GPTConfig(**fields)
+
+
+def _dense(features: int, cfg: GPTConfig, std: float, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=cfg.bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(stddev=std),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    # Flax computes LayerNorm statistics in float32 even for bf16 inputs.
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_eps,
+        use_bias=cfg.bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _proj_std(cfg: GPTConfig) -> float:
+    # GPT-2 paper: scale residual projections by 1/sqrt(number of residual layers).
+    return 0.02 / math.sqrt(2 * cfg.n_layer)
+
+
+def _plain_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_TxS, dropout, deterministic):
+    """Softmax attention written out, for attention dropout and the KV-cache path."""
+    scale = 1.0 / math.sqrt(q_BxTxNxH.shape[-1])
+    logits_BxNxTxS = jnp.einsum(
+        "btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH, preferred_element_type=jnp.float32
+    )
+    logits_BxNxTxS = jnp.where(mask_TxS, logits_BxNxTxS * scale, -jnp.inf)
+    probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1)
+    probs_BxNxTxS = dropout(probs_BxNxTxS, deterministic=deterministic)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None):
+        """Causal self-attention. With `cache` ({'k','v'}: (B, S, N, H)), the T new tokens sit at
+        positions pos..pos+T-1 of the cache; they are written into it and attend to all earlier
+        ones. Returns (y, new_cache); new_cache is None without a cache."""
+        cfg = self.config
+        B, T, C = x_BxTxC.shape
+        N, H = cfg.n_head, cfg.head_size
+        qkv_BxTx3C = _dense(3 * C, cfg, 0.02, "c_attn")(x_BxTxC)
+        q_BxTxC, k_BxTxC, v_BxTxC = jnp.split(qkv_BxTx3C, 3, axis=-1)
+        q_BxTxNxH = q_BxTxC.reshape(B, T, N, H)
+        k_BxTxNxH = k_BxTxC.reshape(B, T, N, H)
+        v_BxTxNxH = v_BxTxC.reshape(B, T, N, H)
+        attn_dropout = nn.Dropout(cfg.dropout)
+        use_attn_dropout = cfg.dropout > 0 and not deterministic
+
+        new_cache = None
+        if cache is not None:
+            k_BxSxNxH = jax.lax.dynamic_update_slice(cache["k"], k_BxTxNxH.astype(cache["k"].dtype), (0, pos, 0, 0))
+            v_BxSxNxH = jax.lax.dynamic_update_slice(cache["v"], v_BxTxNxH.astype(cache["v"].dtype), (0, pos, 0, 0))
+            new_cache = {"k": k_BxSxNxH, "v": v_BxSxNxH}
+            S = k_BxSxNxH.shape[1]
+            mask_TxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
+            y_BxTxNxH = _plain_attention(
+                q_BxTxNxH, k_BxSxNxH.astype(q_BxTxNxH.dtype), v_BxSxNxH.astype(q_BxTxNxH.dtype),
+                mask_TxS, attn_dropout, deterministic,
+            )
+        elif cfg.attention == "plain" or use_attn_dropout:
+            mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
+            y_BxTxNxH = _plain_attention(
+                q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_TxT, attn_dropout, deterministic
+            )
+        else:
+            impl = None if cfg.attention == "auto" else cfg.attention
+            y_BxTxNxH = jax.nn.dot_product_attention(
+                q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True, implementation=impl
+            )
+        y_BxTxC = y_BxTxNxH.reshape(B, T, C)
+        y_BxTxC = _dense(C, cfg, _proj_std(cfg), "c_proj")(y_BxTxC)
+        y_BxTxC = nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
+        return y_BxTxC, new_cache
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC, deterministic: bool = True):
+        cfg = self.config
+        h_BxTxF = _dense(4 * cfg.n_embd, cfg, 0.02, "c_fc")(x_BxTxC)
+        h_BxTxF = nn.gelu(h_BxTxF, approximate=cfg.activation == "gelu_tanh")
+        y_BxTxC = _dense(cfg.n_embd, cfg, _proj_std(cfg), "c_proj")(h_BxTxF)
+        return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None):
+        cfg = self.config
+        y_BxTxC, new_cache = CausalSelfAttention(cfg, name="attn")(
+            _layer_norm(cfg, "ln_1")(x_BxTxC), deterministic, cache, pos
+        )
+        x_BxTxC = x_BxTxC + y_BxTxC
+        x_BxTxC = x_BxTxC + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
+        return x_BxTxC, new_cache
+
+
+def _remat_block(cfg: GPTConfig):
+    if cfg.remat == "none":
+        return Block
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    # deterministic (arg 2, counting self) decides the graph, so it must be static.
+    return nn.remat(Block, policy=policy, static_argnums=(2,))
+
+
+class GPT(nn.Module):
+    """GPT-2. `__call__(idx)` returns float32 logits (B, T, V); `decode` runs on a KV cache."""
+
+    config: GPTConfig
+
+    def setup(self):
+        cfg = self.config
+        embed = dict(
+            embedding_init=nn.initializers.normal(stddev=0.02),
+            dtype=cfg.compute_dtype,
+            param_dtype=jnp.float32,
+        )
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, **embed)
+        self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, **embed)
+        self.drop = nn.Dropout(cfg.dropout)
+        block = _remat_block(cfg)
+        self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+        self.ln_f = _layer_norm(cfg, "ln_f")
+
+    def _logits(self, x_BxTxC):
+        # The head is tied to wte; logits come out in float32 whatever the compute dtype.
+        wte_VxC = self.wte.embedding.astype(self.config.compute_dtype)
+        return jnp.einsum("btc,vc->btv", x_BxTxC, wte_VxC, preferred_element_type=jnp.float32)
+
+    def __call__(self, idx_BxT, deterministic: bool = True):
+        T = idx_BxT.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(
+                f"cannot forward a sequence of length {T}: block_size is only {self.config.block_size}"
+            )
+        x_BxTxC = self.wte(idx_BxT) + self.wpe(jnp.arange(T))[None]
+        x_BxTxC = self.drop(x_BxTxC, deterministic=deterministic)
+        for block in self.h:
+            x_BxTxC, _ = block(x_BxTxC, deterministic)
+        return self._logits(self.ln_f(x_BxTxC))
+
+    def decode(self, idx_BxT, cache, pos):
+        """Forward T new tokens at positions pos..pos+T-1 on a KV cache (see `init_cache`).
+
+        Returns (logits (B, T, V) float32, new_cache). pos may be a traced scalar; the caller
+        keeps pos + T <= cache length (= block_size)."""
+        T = idx_BxT.shape[1]
+        positions_T = pos + jnp.arange(T)
+        x_BxTxC = self.wte(idx_BxT) + self.wpe(positions_T)[None]
+        new_cache = []
+        for block, layer_cache in zip(self.h, cache):
+            x_BxTxC, layer_cache = block(x_BxTxC, True, layer_cache, pos)
+            new_cache.append(layer_cache)
+        return self._logits(self.ln_f(x_BxTxC)), new_cache
+
+
+def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None, dtype=None):
+    """Empty KV cache for `GPT.decode`: per layer {'k','v'} of shape (B, S, N, H)."""
+    S = length or cfg.block_size
+    shape = (batch_size, S, cfg.n_head, cfg.head_size)
+    dtype = dtype or cfg.compute_dtype
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+
+
+def init_params(cfg: GPTConfig, key: jax.Array) -> dict:
+    """nanoGPT-initialised parameters (the `params` collection, without the outer wrapper)."""
+    idx_1xT = jnp.zeros((1, min(cfg.block_size, 8)), dtype=jnp.int32)
+    return GPT(cfg).init(key, idx_1xT)["params"]
+
+
+def num_params(params, non_embedding: bool = True) -> int:
+    """Parameter count as nanoGPT's get_num_params: the position embedding is left out by
+    default; the token embedding counts because it is also the output head."""
+    total = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    if non_embedding:
+        total -= params["wpe"]["embedding"].size
+    return int(total)
+
+
+def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int | None = None) -> int:
+    """Training FLOPs per token, nanoGPT's estimate_mfu: 6N + 12*L*H*Q*T (PaLM appendix B)."""
+    T = seq_len or cfg.block_size
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_size * T
+
+
+def crop_block_size(params, cfg: GPTConfig, block_size: int):
+    """Shrink the context, as nanoGPT's crop_block_size (e.g. to fine-tune GPT-2 at 256)."""
+    if block_size > cfg.block_size:
+        raise ValueError(f"cannot crop block_size {cfg.block_size} up to {block_size}")
+    params = dict(params)
+    params["wpe"] = {"embedding": params["wpe"]["embedding"][:block_size]}
+    return params, dataclasses.replace(cfg, block_size=block_size)
