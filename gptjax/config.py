@@ -1,0 +1,222 @@
+"""Run configuration: a frozen dataclass with nanoGPT's keys, config files and `--key=value` overrides.
+
+nanoGPT's configurator exec()s files and literal_evals overrides into globals; here a config file
+is a Python module in configs/ whose `get_config()` returns a `TrainConfig`, and overrides are
+parsed and type-checked against the dataclass fields before anything compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from gptjax.model import GPTConfig
+
+CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs. Defaults are nanoGPT's train.py (GPT-2 124M on OpenWebText)."""
+
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000
+    log_interval: int = 1
+    eval_iters: int = 200
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # save at every eval, not only when val improves
+    init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2*' | path to an HF dir or nanoGPT ckpt.pt
+    keep_checkpoints: int = 2  # newest checkpoints kept in out_dir/checkpoints
+    # logging
+    wandb_log: bool = False
+    wandb_project: str = "owt"
+    wandb_run_name: str = "gpt2"
+    # data
+    dataset: str = "openwebtext"
+    data_dir: str = ""  # where train.bin/val.bin/meta.pkl live; '' means data/<dataset>
+    data_input: str = ""  # local corpus to prepare shakespeare* from when the .bin files are missing
+    gradient_accumulation_steps: int = 40  # micro-batches per optimizer step
+    batch_size: int = 12  # micro-batch size, global over all devices and hosts
+    block_size: int = 1024
+    prefetch: int = 2  # batches prepared ahead of the device on a host thread
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining, 0.1+ for finetuning
+    bias: bool = True
+    vocab_size: int = 0  # 0: the dataset's meta.pkl vocab, else GPT-2's 50304
+    activation: str = "gelu"
+    attention: str = "auto"
+    remat: str = "none"
+    # optimizer: AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # clip gradients at this global norm; 0 disables
+    # learning-rate schedule
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000  # ~= max_iters per Chinchilla
+    min_lr: float = 6e-5  # ~= learning_rate / 10 per Chinchilla
+    # system
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    seed: int = 1337
+    nonfinite: str = "stop"  # non-finite loss or grads: 'stop' the run, or 'skip' the update
+    # devices: mesh axis sizes; -1 takes all remaining devices
+    dp: int = -1
+    fsdp: int = 1
+
+    def __post_init__(self):
+        errors = []
+        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                errors.append(f"{name}={getattr(self, name)} must be positive")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
+                     "warmup_iters", "lr_decay_iters", "vocab_size", "prefetch"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}={getattr(self, name)} must not be negative")
+        if self.n_embd % self.n_head:
+            errors.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
+            errors.append(f"warmup_iters={self.warmup_iters} is larger than lr_decay_iters={self.lr_decay_iters}")
+        if not 0 <= self.dropout < 1:
+            errors.append(f"dropout={self.dropout} must be in [0, 1)")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            errors.append(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.nonfinite not in ("stop", "skip"):
+            errors.append(f"nonfinite={self.nonfinite!r} must be 'stop' or 'skip'")
+        for name in ("dp", "fsdp"):
+            if getattr(self, name) == 0 or getattr(self, name) < -1:
+                errors.append(f"{name}={getattr(self, name)} must be a positive mesh size or -1")
+        if errors:
+            raise ValueError("invalid config: " + "; ".join(errors))
+
+    @property
+    def resolved_data_dir(self) -> str:
+        return self.data_dir or os.path.join("data", self.dataset)
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
+    def model_config(self, vocab_size: int | None = None) -> GPTConfig:
+        """The GPTConfig for this run; vocab_size comes from the dataset when the config has 0."""
+        vocab = self.vocab_size or vocab_size or 50304
+        return GPTConfig(
+            block_size=self.block_size, vocab_size=vocab, n_layer=self.n_layer, n_head=self.n_head,
+            n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, dtype=self.dtype,
+            activation=self.activation, attention=self.attention, remat=self.remat,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TrainConfig":
+        return from_dict(json.loads(Path(path).read_text()), source=str(path))
+
+
+def field_types() -> dict[str, type]:
+    return {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+
+
+def _check_keys(keys, source: str) -> None:
+    valid = field_types()
+    unknown = sorted(set(keys) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {unknown} in {source}; valid keys: {', '.join(sorted(valid))}"
+        )
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    want = field_types()[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise TypeError(
+            f"config key {key!r} from {source} must be {want.__name__}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return value
+
+
+def from_dict(values: dict[str, Any], source: str = "dict") -> TrainConfig:
+    _check_keys(values, source)
+    return TrainConfig(**{k: _coerce(k, v, source) for k, v in values.items()})
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """'--key=value' -> (key, typed value), the value read as a Python literal like nanoGPT."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ValueError(f"cannot parse {arg!r}: overrides look like --key=value")
+    key, raw = arg[2:].split("=", 1)
+    _check_keys([key], "the command line")
+    want = field_types()[key]
+    if want is str:
+        return key, raw
+    if want is bool and raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise TypeError(f"config key {key!r} must be {want.__name__}, got {raw!r}") from None
+    return key, _coerce(key, value, "the command line")
+
+
+def find_config_file(name: str) -> Path:
+    """A config given as a path, or a name of a file in configs/."""
+    path = Path(name)
+    if path.suffix == ".py" and path.exists():
+        return path
+    for folder in CONFIG_DIRS:
+        candidate = folder / f"{path.stem}.py"
+        if candidate.exists():
+            return candidate
+    available = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.py")})
+    raise FileNotFoundError(f"no config {name!r}; available: {', '.join(available) or 'none'}")
+
+
+def load_config_file(name: str) -> TrainConfig:
+    path = find_config_file(name)
+    spec = importlib.util.spec_from_file_location(f"gptjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} must define get_config() returning a TrainConfig")
+    return module.get_config()
+
+
+def parse_args(argv: Sequence[str], base: TrainConfig | None = None) -> TrainConfig:
+    """`[CONFIG] [--key=value ...]` -> TrainConfig. Overrides are applied after the config file."""
+    config = base or TrainConfig()
+    overrides = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, value = parse_override(arg)
+            overrides[key] = value
+        else:
+            config = load_config_file(arg)
+    return dataclasses.replace(config, **overrides)
+
+
+def help_text() -> str:
+    lines = ["usage: python -m gptjax.X [CONFIG] [--key=value ...]", "",
+             "CONFIG: a configs/*.py file or its name. Keys and defaults:"]
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{f.name}={f.default!r}")
+    return "\n".join(lines)

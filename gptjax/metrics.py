@@ -1,0 +1,80 @@
+"""Console progress bar, metrics.jsonl and optional Weights & Biases, from the main process only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from gptjax.config import TrainConfig
+from gptjax.perf import device_peak_flops, mfu
+
+
+class MetricsLogger:
+    """Shows iteration, loss, lr, ms/iter, tokens/s, MFU and ETA; appends one JSON object per
+    logged step (iter, loss, lr, dt_ms, tokens_per_s, mfu) and per eval (iter, train_loss,
+    val_loss) to OUT_DIR/metrics.jsonl."""
+
+    def __init__(self, cfg: TrainConfig, start_iter: int, is_main: bool, flops_per_iter: float):
+        self.cfg, self.is_main, self.flops_per_iter = cfg, is_main, flops_per_iter
+        self.last_time = None
+        self.bar = self.file = self.wandb = None
+        if not is_main:
+            return
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
+        if not cfg.eval_only:
+            self.bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="it",
+                            dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        device_peak_flops()  # measure the CPU peak now, not in the middle of the timed loop
+        if cfg.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("wandb_log=True needs wandb: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.to_dict())
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["iter"])
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def step(self, it: int, metrics: dict[str, Any]) -> None:
+        """Called once per step with the step's metrics already on the host."""
+        now = time.perf_counter()
+        dt, self.last_time = (None if self.last_time is None else now - self.last_time), now
+        if not self.is_main:
+            return
+        self.bar.update(1)
+        if it % self.cfg.log_interval or dt is None:
+            return
+        tokens_per_s = self.cfg.tokens_per_iter / dt
+        utilisation = mfu(self.flops_per_iter, dt)
+        self.bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {dt * 1e3:.1f}ms "
+                                 f"{tokens_per_s:,.0f}tok/s mfu {utilisation * 100:.1f}%", refresh=False)
+        self._write({"iter": it, "loss": metrics["loss"], "lr": metrics["lr"], "dt_ms": dt * 1e3,
+                     "tokens_per_s": tokens_per_s, "mfu": utilisation, "grad_norm": metrics["grad_norm"]})
+
+    def eval(self, it: int, train_loss: float, val_loss: float) -> None:
+        self.last_time = None  # the eval's time is not a training step's
+        if not self.is_main:
+            return
+        self.info(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+        self._write({"iter": it, "train_loss": train_loss, "val_loss": val_loss})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,82 @@
+"""Device peak FLOP/s for MFU: a table for known accelerators, a measured matmul rate on CPU."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak FLOP/s per device (bf16 tensor cores / MXU; dense, no sparsity), from vendor sheets.
+# TPU figures are per chip; JAX shows v2/v3 chips as two devices (one per core), hence the halves.
+PEAK_FLOPS_BF16 = {
+    "a100": 312e12,
+    "h100": 989e12,  # SXM
+    "h200": 989e12,
+    "h800": 989e12,
+    "a10g": 125e12,
+    "l4": 121e12,
+    "v100": 125e12,
+    "tpu v2": 45e12 / 2,
+    "tpu v3": 123e12 / 2,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,
+    "tpu v6e": 918e12,
+}
+
+
+def _known_peak(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    # Longest names first so that 'tpu v5 lite' wins over 'tpu v5'.
+    for name in sorted(PEAK_FLOPS_BF16, key=len, reverse=True):
+        if name in kind:
+            return PEAK_FLOPS_BF16[name]
+    return None
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, device=None) -> float:
+    """Best float32 FLOP/s of an n x n x n matrix product on one device: the practical peak."""
+    device = device or jax.devices()[0]
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.device_put(jax.random.normal(key_a, (n, n), jnp.float32), device)
+    b = jax.device_put(jax.random.normal(key_b, (n, n), jnp.float32), device)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_flops(device_kind: str | None = None, platform: str | None = None) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from). CPU: measured once per process.
+
+    On CPU, XLA spreads one matmul over all cores, and forcing several host devices splits the
+    same cores, so the measured rate is a whole-machine figure; MFU on CPU is reported against
+    it for the whole step, not per device."""
+    device = jax.devices()[0]
+    device_kind = device_kind or device.device_kind
+    platform = platform or device.platform
+    peak = _known_peak(device_kind)
+    if peak is not None:
+        return peak, f"{device_kind} bf16 spec"
+    if platform == "cpu":
+        return measure_matmul_flops(), "measured float32 matmul"
+    return float("nan"), f"unknown device {device_kind!r}"
+
+
+def mfu(flops_per_iter: float, seconds_per_iter: float, n_devices: int | None = None) -> float:
+    """Model FLOPs utilisation of one training iteration over the devices used."""
+    peak, _ = device_peak_flops()
+    if jax.devices()[0].platform == "cpu":
+        n_devices = 1  # the measured CPU peak already covers every core
+    n_devices = n_devices or jax.device_count()
+    return flops_per_iter / seconds_per_iter / (peak * n_devices)

@@ -1,0 +1,130 @@
+"""The train state, its sharded creation, and the pure jitted train and eval steps."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from gptjax import sharding
+from gptjax.model import GPT, GPTConfig, init_params
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far (= nanoGPT's iter_num)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 PRNG key; each step's dropout key is fold_in(rng, step)
+    skipped: jax.Array  # int32 scalar: updates skipped for non-finite loss or gradients
+
+
+def loss_fn(params, model: GPT, x_BxT, y_BxT, dropout_key=None):
+    """Mean next-token cross entropy in float32 over every position, as nanoGPT's forward."""
+    deterministic = dropout_key is None
+    rngs = None if deterministic else {"dropout": dropout_key}
+    logits_BxTxV = model.apply({"params": params}, x_BxT, deterministic=deterministic, rngs=rngs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, y_BxT).mean()
+
+
+def _init_state(key, cfg: GPTConfig, optimizer, seed: int, params=None) -> TrainState:
+    params = init_params(cfg, key) if params is None else params
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(seed),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def create_train_state(cfg: GPTConfig, optimizer, mesh: Mesh, seed: int, params=None):
+    """(state, state_shardings), the state created already laid out over the mesh, so a model
+    bigger than one device's memory never exists whole on one device. `params` (e.g. imported
+    GPT-2 weights) replace the random initialisation."""
+    init = functools.partial(_init_state, cfg=cfg, optimizer=optimizer, seed=seed)
+    key = jax.random.PRNGKey(seed)
+    abstract = jax.eval_shape(lambda k, p: init(k, params=p), key, params)
+    shardings = sharding.state_shardings(abstract, mesh)
+    if params is None:
+        state = jax.jit(lambda k: init(k), out_shardings=shardings)(key)
+    else:
+        params = jax.device_put(params, shardings.params)
+        state = jax.jit(lambda k, p: init(k, params=p), out_shardings=shardings)(key, params)
+    return state, shardings
+
+
+def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Callable):
+    """One optimizer update on a batch of (x, y), each (A, B, T): the A micro-batches are
+    accumulated in a scan, so A micro-batches of B give the update of one batch of A*B.
+
+    A non-finite loss or gradient norm never reaches the parameters: the update is skipped and
+    counted, and the host decides whether to stop (metrics['nonfinite'])."""
+    x_AxBxT, y_AxBxT = batch
+    n_micro = x_AxBxT.shape[0]
+    step_key = jax.random.fold_in(state.rng, state.step)
+    use_dropout = model.config.dropout > 0
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def accumulate(carry, micro):
+        loss_sum, grads_sum = carry
+        i, x_BxT, y_BxT = micro
+        key = jax.random.fold_in(step_key, i) if use_dropout else None
+        loss, grads = grad_fn(state.params, model, x_BxT, y_BxT, key)
+        return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grads_sum, grads)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    micro = (jnp.arange(n_micro), x_AxBxT, y_AxBxT)
+    (loss_sum, grads_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
+    loss = loss_sum / n_micro
+    grads = jax.tree_util.tree_map(lambda g: g / n_micro, grads_sum)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    # Keep the previous parameters on a bad step: lax.cond picks whole trees, so no NaN from the
+    # rejected update can leak into the kept state.
+    params, opt_state = jax.lax.cond(
+        finite, lambda: (new_params, new_opt_state), lambda: (state.params, state.opt_state)
+    )
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+        "nonfinite": ~finite, "skipped": new_state.skipped,
+    }
+    return new_state, metrics
+
+
+def eval_step(params, batch, *, model: GPT):
+    """Mean loss over the (A, B, T) batch, dropout off."""
+    x_AxBxT, y_AxBxT = batch
+    losses = jax.lax.map(lambda xy: loss_fn(params, model, xy[0], xy[1]), (x_AxBxT, y_AxBxT))
+    return losses.mean()
+
+
+def jit_steps(cfg: GPTConfig, optimizer, schedule, state_shardings, mesh: Mesh):
+    """The jitted (train_step, eval_step) with shardings fixed at jit and the state donated."""
+    model = GPT(cfg)
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    train = jax.jit(
+        functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule),
+        in_shardings=(state_shardings, (batch_sharding, batch_sharding)),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(state_shardings.params, (batch_sharding, batch_sharding)),
+        out_shardings=replicated,
+    )
+    return train, evaluate

@@ -1,0 +1,229 @@
+"""Training: `python -m gptjax.train [CONFIG] [--key=value ...]`, nanoGPT's train.py in JAX.
+
+The loop is host-side bookkeeping around one jitted, sharded `train_step`; metrics of step n are
+read while step n+1 runs, so the host never stalls the device to log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from gptjax import config as config_lib
+from gptjax import data as data_lib
+from gptjax import sharding
+from gptjax.checkpoint import Checkpointer, check_model_matches, model_meta, write_json
+from gptjax.config import TrainConfig
+from gptjax.faults import StopRequest, check_writable
+from gptjax.metrics import MetricsLogger
+from gptjax.model import GPTConfig, crop_block_size, flops_per_token, num_params
+from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.step import create_train_state, jit_steps
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs, built once by `setup`; a notebook can build it and drive steps itself."""
+
+    cfg: TrainConfig
+    model_cfg: GPTConfig
+    mesh: Any
+    state: Any
+    state_shardings: Any
+    train_step: Any
+    eval_step: Any
+    dataset: data_lib.BinDataset
+    checkpointer: Checkpointer
+    best_val_loss: float = float("inf")
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    def batch(self, split: str, step: int, eval_index: int | None = None):
+        """This host's share of a batch as numpy (A, B_local, T), A = accumulation steps."""
+        accum = self.cfg.gradient_accumulation_steps if eval_index is None else 1
+        return data_lib.get_batch(
+            self.dataset, split, step, self.cfg.batch_size, self.cfg.block_size, self.cfg.seed,
+            jax.process_index(), jax.process_count(), accum, eval_index,
+        )
+
+    def to_device(self, local_batch):
+        """Assemble the hosts' numpy shares into global arrays sharded over the mesh."""
+        x, y = local_batch
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        shape = (x.shape[0], self.cfg.batch_size, x.shape[2])
+        return (sharding.global_batch(x, batch_sharding, shape), sharding.global_batch(y, batch_sharding, shape))
+
+    def estimate_loss(self, step: int) -> dict[str, float]:
+        """Mean loss over eval_iters batches of each split, as nanoGPT's estimate_loss."""
+        out = {}
+        for split in ("train", "val"):
+            losses = [self.eval_step(self.state.params, self.to_device(self.batch(split, step, k)))
+                      for k in range(self.cfg.eval_iters)]
+            out[split] = float(np.mean(jax.device_get(losses)))
+        return out
+
+    def save(self, step: int) -> None:
+        meta = {"iter_num": step, "best_val_loss": self.best_val_loss, "run": self.cfg.to_dict(),
+                "model": model_meta(self.model_cfg)}
+        self.checkpointer.save(step, self.state, meta)
+
+
+def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: Checkpointer):
+    """(model config, imported params or None, resume meta or None) for cfg.init_from."""
+    if cfg.init_from == "scratch":
+        return cfg.model_config(vocab_size), None, None
+    if cfg.init_from == "resume":
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"init_from=resume but there is no checkpoint in {checkpointer.directory}; "
+                "start with --init_from=scratch"
+            )
+        meta = checkpointer.restore_meta(step)
+        model_cfg = cfg.model_config(vocab_size)
+        check_model_matches(meta["model"], model_cfg, str(checkpointer.directory / str(step)))
+        return model_cfg, None, meta
+    from gptjax.convert import load_pretrained  # torch-free for HF safetensors
+
+    params, model_cfg = load_pretrained(cfg.init_from)
+    if cfg.block_size > model_cfg.block_size:
+        raise ValueError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s {model_cfg.block_size}")
+    if cfg.block_size < model_cfg.block_size:
+        params, model_cfg = crop_block_size(params, model_cfg, cfg.block_size)
+    model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout, dtype=cfg.dtype,
+                                    attention=cfg.attention, remat=cfg.remat)
+    return model_cfg, params, None
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Build the mesh, data, model, sharded state and jitted steps; restore when resuming."""
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(cfg.dp, cfg.fsdp)
+    sharding.check_batch_divisible(cfg.batch_size, mesh)
+    if cfg.batch_size % jax.process_count():
+        raise ValueError(f"batch_size={cfg.batch_size} does not divide over {jax.process_count()} hosts")
+    if jax.process_index() == 0:
+        check_writable(cfg.out_dir)
+    data_dir = cfg.resolved_data_dir
+    meta = data_lib.ensure_dataset(cfg.dataset, data_dir, cfg.data_input or None) if jax.process_index() == 0 else None
+    meta = data_lib.load_meta(data_dir) if meta is None else meta
+    checkpointer = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints)
+    model_cfg, params, resume_meta = _load_model_config(cfg, meta and meta["vocab_size"], checkpointer)
+    if meta is not None and meta["vocab_size"] > model_cfg.vocab_size:
+        raise ValueError(f"the dataset's meta.pkl has vocab_size={meta['vocab_size']} but the model has "
+                         f"{model_cfg.vocab_size}: re-prepare the data or fix vocab_size")
+    dataset = data_lib.BinDataset(data_dir, cfg.block_size, model_cfg.vocab_size, cfg.dataset)
+
+    optimizer = make_optimizer(cfg)
+    state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed, params)
+    best_val = float("inf")
+    if resume_meta is not None:
+        state, _ = checkpointer.restore(jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+        best_val = resume_meta["best_val_loss"]
+    train_step, eval_step = jit_steps(model_cfg, optimizer, lr_schedule(cfg), shardings, mesh)
+    if jax.process_index() == 0:
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        write_json(Path(cfg.out_dir) / "config.json", cfg.to_dict())
+    return Run(cfg, model_cfg, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val)
+
+
+def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Run nanoGPT's loop: eval + checkpoint every eval_interval, log every log_interval.
+    Returns the last metrics (loss, val_loss, iter, ...)."""
+    run = setup(cfg)
+    stop = stop or StopRequest()
+    start = int(jax.device_get(run.state.step))
+    n_params = num_params(run.state.params)
+    flops_per_iter = flops_per_token(run.model_cfg, n_params) * cfg.tokens_per_iter
+    log = MetricsLogger(cfg, start, is_main=run.is_main, flops_per_iter=flops_per_iter)
+    log.info(f"{n_params / 1e6:.2f}M parameters (non-embedding); mesh {dict(run.mesh.shape)}; "
+             f"{cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start}")
+    last: dict[str, Any] = {"iter": start}
+    prefetch = data_lib.Prefetcher(lambda s: run.batch("train", s), start, depth=max(cfg.prefetch, 1))
+    pending = None  # (iter, device metrics) of the step in flight
+    try:
+        with stop.installed():
+            it = start
+            while True:
+                if it % cfg.eval_interval == 0 or it == cfg.max_iters or cfg.eval_only:
+                    last.update(_evaluate(run, it, log))
+                    if cfg.eval_only:
+                        break
+                if it >= cfg.max_iters or stop.requested:
+                    break
+                batch = run.to_device(prefetch.next())
+                run.state, metrics = run.train_step(run.state, batch)
+                if pending is not None:  # read the previous step while this one runs
+                    last.update(_log_step(run, log, *pending))
+                pending = (it, metrics)
+                it += 1
+            if pending is not None:
+                last.update(_log_step(run, log, *pending))
+                pending = None
+            if stop.requested:
+                run.save(it)
+                log.info(f"stopped by {stop.signal_name} at iter {it}; checkpoint saved to "
+                         f"{run.checkpointer.directory}. Resume with the same command plus --init_from=resume")
+                last["stopped"] = stop.signal_name
+    finally:
+        prefetch.close()
+        run.checkpointer.close()
+        log.close()
+    return last
+
+
+def _evaluate(run: Run, it: int, log: MetricsLogger) -> dict[str, Any]:
+    losses = run.estimate_loss(it)
+    log.eval(it, losses["train"], losses["val"])
+    if losses["val"] < run.best_val_loss or run.cfg.always_save_checkpoint:
+        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        if it > 0 and not run.cfg.eval_only:
+            run.save(it)
+    return {"train_loss": losses["train"], "val_loss": losses["val"]}
+
+
+def _log_step(run: Run, log: MetricsLogger, it: int, metrics) -> dict[str, Any]:
+    metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+    if metrics["nonfinite"]:
+        message = (f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at iter {it}; "
+                   "the update was not applied")
+        if run.cfg.nonfinite == "stop":
+            raise NonFiniteLoss(message + ": stopping. The last checkpoint is untouched; lower the "
+                                "learning_rate or pass --nonfinite=skip to skip such updates")
+        log.info(message + f" (skipped {metrics['skipped']} so far)")
+    log.step(it, metrics)
+    return {"iter": it + 1, "loss": metrics["loss"], "lr": metrics["lr"]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_lib.help_text())
+        return 0
+    try:
+        cfg = config_lib.parse_args(argv)
+        train(cfg)
+    except (ValueError, TypeError, OSError, ImportError, NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if not isinstance(err, NonFiniteLoss) else 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
