@@ -9,6 +9,7 @@ save or restore and writes or reads its own shards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -101,7 +102,7 @@ def load_inference(out_dir: str | os.PathLike, step: int | None = None):
     cfg = GPTConfig(**meta["model"])
     from gptjax.model import init_params  # local: only the shapes are needed
 
-    abstract_params = jax.eval_shape(init_params, cfg, jax.random.PRNGKey(0))
+    abstract_params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     handler = ocp.PyTreeCheckpointer()
     params = handler.restore(

@@ -55,14 +55,17 @@ class MetricsLogger:
         if not self.is_main:
             return
         self.bar.update(1)
-        if it % self.cfg.log_interval or dt is None:
+        if it % self.cfg.log_interval:
             return
-        tokens_per_s = self.cfg.tokens_per_iter / dt
-        utilisation = mfu(self.flops_per_iter, dt)
-        self.bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {dt * 1e3:.1f}ms "
-                                 f"{tokens_per_s:,.0f}tok/s mfu {utilisation * 100:.1f}%", refresh=False)
-        self._write({"iter": it, "loss": metrics["loss"], "lr": metrics["lr"], "dt_ms": dt * 1e3,
-                     "tokens_per_s": tokens_per_s, "mfu": utilisation, "grad_norm": metrics["grad_norm"]})
+        record = {"iter": it, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"]}
+        postfix = f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}"
+        if dt is not None:  # the first step after start or an eval has no step time
+            record.update(dt_ms=dt * 1e3, tokens_per_s=self.cfg.tokens_per_iter / dt,
+                          mfu=mfu(self.flops_per_iter, dt))
+            postfix += (f" {record['dt_ms']:.1f}ms {record['tokens_per_s']:,.0f}tok/s "
+                        f"mfu {record['mfu'] * 100:.1f}%")
+        self.bar.set_postfix_str(postfix, refresh=False)
+        self._write(record)
 
     def eval(self, it: int, train_loss: float, val_loss: float) -> None:
         self.last_time = None  # the eval's time is not a training step's

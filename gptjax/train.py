@@ -78,6 +78,8 @@ class Run:
         return out
 
     def save(self, step: int) -> None:
+        if step == self.checkpointer.latest_step():
+            return  # resumed from this very step: the checkpoint on disk is this state
         meta = {"iter_num": step, "best_val_loss": self.best_val_loss, "run": self.cfg.to_dict(),
                 "model": model_meta(self.model_cfg)}
         self.checkpointer.save(step, self.state, meta)
@@ -162,6 +164,9 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
             it = start
             while True:
                 if it % cfg.eval_interval == 0 or it == cfg.max_iters or cfg.eval_only:
+                    if pending is not None:
+                        last.update(_log_step(run, log, *pending))
+                        pending = None
                     last.update(_evaluate(run, it, log))
                     if cfg.eval_only:
                         break
