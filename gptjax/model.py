@@ -14,6 +14,7 @@ transpose for nanoGPT's nn.Linear layout).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -271,6 +272,7 @@ def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None, dtype
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
 
 
+@functools.partial(jax.jit, static_argnums=0)  # eager init dispatches hundreds of tiny ops
 def init_params(cfg: GPTConfig, key: jax.Array) -> dict:
     """nanoGPT-initialised parameters (the `params` collection, without the outer wrapper)."""
     idx_1xT = jnp.zeros((1, min(cfg.block_size, 8)), dtype=jnp.int32)
