@@ -8,6 +8,7 @@ save or restore and writes or reads its own shards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax.model import GPTConfig
+from gptjax.model import GPTConfig, unstack_layers
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -35,17 +36,38 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         self.directory = checkpoint_dir(out_dir)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._saving: int | None = None  # step of the save in flight, for error messages
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
-        """Start saving (asynchronously); the next save or `close` waits for it to finish."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        """Start saving (asynchronously); the next save, `wait` or `close` waits for it to finish
+        and raises OSError if it failed (disk full, ...), leaving older checkpoints in place."""
+        self.wait()
+        self._saving = step
+        with self._save_errors():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        # Orbax reports a failed background write (ENOSPC, EFBIG, EACCES, ...) as whatever its storage
+        # layer raised, often a bare Exception; name the step and what is still safe instead.
+        try:
+            yield
+        except Exception as err:
+            step, self._saving = self._saving, None
+            kept = complete_steps(self.directory)
+            safe = (f"the newest complete checkpoint, step {kept[-1]}, is intact" if kept
+                    else "there is no earlier complete checkpoint")
+            raise OSError(
+                f"could not save the checkpoint of step {step} in {self.directory} ({_first_line(err)}); "
+                f"{safe}. Free disk space or fix permissions, then resume with --init_from=resume"
+            ) from err
 
     def restore(self, abstract_state, step: int | None = None):
         """(state, meta) of `step` (default: newest), laid out as `abstract_state`'s shardings."""
@@ -58,26 +80,55 @@ class Checkpointer:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )
-        except (ValueError, KeyError) as err:
+        except Exception as err:  # tensorstore raises bare Exceptions for unreadable data
             raise ValueError(
-                f"checkpoint {self.directory / str(step)} does not match this model: {err}".splitlines()[0]
+                f"cannot restore checkpoint {self.directory / str(step)}: it is corrupt or incomplete, or "
+                f"was written for a different model or optimizer (e.g. grad_clip on/off) ({_first_line(err)}). "
+                "Delete that directory to resume from an older checkpoint, or pass another out_dir"
             ) from err
         return restored.state, meta
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            if not isinstance(meta, dict) or not {"iter_num", "model"} <= meta.keys():
+                raise ValueError(f"its metadata is {str(meta)[:80]!r}, not gptjax's")
+        except Exception as err:
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} is corrupt or incomplete: cannot read its "
+                f"metadata ({_first_line(err)}). Delete that directory to resume from an older checkpoint"
+            ) from err
+        return meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._save_errors():
+            self.manager.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the finished checkpoints in `directory`, oldest first. Orbax writes a step into
+    `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only when complete, so a bare number
+    is a finished checkpoint and anything else is an interrupted write, ignored."""
+    path = Path(directory)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    # storage errors put the cause ("No space left on device") last, after long paths: keep both ends
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
 
 
 def check_model_matches(saved: dict[str, Any], current: GPTConfig, source: str) -> None:
     """A checkpoint's model config must equal the run's in every field that shapes parameters."""
-    shape_fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias")
+    shape_fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "scan_layers")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(current, k)!r}"
              for k in shape_fields if saved.get(k) != getattr(current, k)]
     if diffs:
@@ -114,6 +165,8 @@ def load_inference(out_dir: str | os.PathLike, step: int | None = None):
         ),
     )["params"]
     ckpt.close()
+    if cfg.scan_layers:  # decoding and export want GPT-2's per-layer layout
+        params, cfg = unstack_layers(params), dataclasses.replace(cfg, scan_layers=False)
     return params, cfg, meta["run"]
 
 

@@ -17,7 +17,13 @@ from typing import Any, Sequence
 
 from gptjax.model import GPTConfig
 
-CONFIG_DIRS = (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs")
+
+
+def config_dirs() -> tuple[Path, ...]:
+    """Where config names are looked up: ./configs, then the recipes shipped with gptjax (the
+    repository's configs/, installed as the gptjax.configs package)."""
+    here = Path(__file__).resolve().parent
+    return (Path.cwd() / "configs", here / "configs", here.parent / "configs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +60,8 @@ class TrainConfig:
     vocab_size: int = 0  # 0: the dataset's meta.pkl vocab, else GPT-2's 50304
     activation: str = "gelu"
     attention: str = "auto"
-    remat: str = "none"
+    remat: str = "none"  # 'full' or 'dots': recompute activations in the backward pass to save memory
+    scan_layers: bool = False  # scan one block over the layers: fast compiles for deep models
     # optimizer: AdamW
     learning_rate: float = 6e-4
     max_iters: int = 600000
@@ -117,6 +124,7 @@ class TrainConfig:
             block_size=self.block_size, vocab_size=vocab, n_layer=self.n_layer, n_head=self.n_head,
             n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, dtype=self.dtype,
             activation=self.activation, attention=self.attention, remat=self.remat,
+            scan_layers=self.scan_layers,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,11 +191,11 @@ def find_config_file(name: str) -> Path:
     path = Path(name)
     if path.suffix == ".py" and path.exists():
         return path
-    for folder in CONFIG_DIRS:
+    for folder in config_dirs():
         candidate = folder / f"{path.stem}.py"
         if candidate.exists():
             return candidate
-    available = sorted({p.stem for d in CONFIG_DIRS if d.is_dir() for p in d.glob("*.py")})
+    available = sorted({p.stem for d in config_dirs() if d.is_dir() for p in d.glob("*.py")})
     raise FileNotFoundError(f"no config {name!r}; available: {', '.join(available) or 'none'}")
 
 

@@ -1,19 +1,31 @@
-"""Surviving interruption: SIGTERM/SIGINT finish the step and checkpoint; unwritable out_dir fails early."""
+"""Surviving interruption: SIGTERM/SIGINT finish the step and checkpoint, a second Ctrl-C leaves at
+once, and an unwritable out_dir fails before training starts.
+
+Why a hard exit is safe: orbax writes each checkpoint into `<step>.orbax-checkpoint-tmp*` and
+renames it to `<step>` only once every file is written, then deletes older steps. Dying at any
+moment (kill -9, os._exit) therefore leaves the previous complete checkpoint in place, and the
+leftover temporary directory is ignored by `latest_step` and replaced when that step is saved again.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import NoReturn
+
+EXIT_INTERRUPTED = 130  # the shell's code for "killed by SIGINT"
 
 
 class StopRequest:
     """Turns the first SIGTERM or SIGINT into a polite request the training loop checks between
     steps (it then checkpoints and exits). A second SIGINT raises KeyboardInterrupt at once; the
-    last complete checkpoint is safe either way because orbax only renames finished ones."""
+    CLI then leaves without waiting for a save in flight (see `exit_now`). Repeated SIGTERMs are
+    ignored: schedulers send one and follow it with SIGKILL, which is safe too."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -28,7 +40,12 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.requested:
+            return
         self.signal_name = signal.Signals(signum).name
+        # os.write, not print: the handler may run while the main thread is inside a print
+        _write_stderr(f"\n{self.signal_name} received: finishing the current step and saving a checkpoint "
+                      "(press Ctrl-C again to exit at once)\n")
 
     @contextlib.contextmanager
     def installed(self):
@@ -43,6 +60,31 @@ class StopRequest:
                 signal.signal(s, handler)
 
 
+def _write_stderr(text: str) -> None:
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError):  # stderr closed or not a real file (e.g. captured): say nothing
+        return
+
+
+def exit_now(out_dir: str | os.PathLike | None, code: int = EXIT_INTERRUPTED) -> NoReturn:
+    """Leave the process immediately after an interrupt, saying which checkpoint a resume will use.
+
+    os._exit, because a normal exit joins orbax's non-daemon finalize thread, i.e. waits for the
+    save in flight; abandoning that save is exactly as safe as a kill -9 (see the module docstring)."""
+    from gptjax.checkpoint import checkpoint_dir, complete_steps
+
+    where = ""
+    if out_dir is not None:
+        steps = complete_steps(checkpoint_dir(out_dir))
+        where = (f" The newest complete checkpoint, step {steps[-1]} in {checkpoint_dir(out_dir)}, is intact: "
+                 "resume with --init_from=resume" if steps else " No checkpoint had been completed yet")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _write_stderr(f"\nerror: interrupted: exiting at once without waiting for a checkpoint save.{where}\n")
+    os._exit(code)
+
+
 def check_writable(out_dir: str | os.PathLike, min_free_bytes: int = 16 << 20) -> None:
     """Fail before training starts when out_dir cannot take a checkpoint."""
     path = Path(out_dir)
@@ -51,9 +93,23 @@ def check_writable(out_dir: str | os.PathLike, min_free_bytes: int = 16 << 20) -
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise PermissionError(f"out_dir {path} is not writable ({err.strerror}); pass --out_dir=DIR "
+        raise PermissionError(f"out_dir {path} is not writable ({err.strerror or err}); pass --out_dir=DIR "
                               "to a directory you can write") from None
-    free = os.statvfs(path).f_bavail * os.statvfs(path).f_frsize
-    if free < min_free_bytes:
-        raise OSError(f"out_dir {path} has only {free >> 20} MiB free; free some space or pass "
-                      "--out_dir=DIR on another disk")
+    check_free_space(path, min_free_bytes)
+
+
+def check_free_space(out_dir: str | os.PathLike, needed_bytes: int) -> None:
+    """Fail before training when out_dir cannot hold one more checkpoint of `needed_bytes` (a new
+    checkpoint is written in full before the oldest one is deleted)."""
+    stat = os.statvfs(out_dir)
+    free = stat.f_bavail * stat.f_frsize
+    if free < needed_bytes:
+        raise OSError(f"out_dir {out_dir} has only {free / 2**20:.0f} MiB free but a checkpoint needs about "
+                      f"{needed_bytes / 2**20:.0f} MiB; free some space or pass --out_dir=DIR on another disk")
+
+
+def state_nbytes(state) -> int:
+    """Bytes of every array in a train state: what one checkpoint of it takes on disk, about."""
+    import jax
+
+    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state))

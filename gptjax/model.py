@@ -43,6 +43,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     attention: str = "auto"  # "auto": jax.nn.dot_product_attention (cuDNN flash on GPU when it can)
     remat: str = "none"  # rematerialise each block in the backward pass: "full" or "dots" (keep matmuls)
+    scan_layers: bool = False  # one scanned block (params under 'h' with a leading layer axis): fast compile
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -213,6 +214,48 @@ def _remat_block(cfg: GPTConfig):
     return nn.remat(Block, policy=policy, static_argnums=(2,))
 
 
+class _ScanBody(nn.Module):
+    """Block as a scan body: (carry=x, broadcast deterministic) -> (x, no output)."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxC, deterministic: bool):
+        block = _remat_block(self.config)(self.config, name="block")
+        x_BxTxC, _ = block(x_BxTxC, deterministic)
+        return x_BxTxC, None
+
+
+def _scanned_blocks(cfg: GPTConfig) -> nn.Module:
+    # flax passes broadcast arguments through untraced, so `deterministic` stays a Python bool.
+    scanned = nn.scan(
+        _ScanBody,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=cfg.n_layer,
+    )
+    return scanned(cfg, name="h")
+
+
+def stack_layers(params: dict, n_layer: int) -> dict:
+    """Per-layer params (h_0 .. h_{L-1}) -> the scan layout (h/block with a leading L axis)."""
+    layers = [params[f"h_{i}"] for i in range(n_layer)]
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """The scan layout -> per-layer params, as GPT-2 names them (for import/export and decode)."""
+    stacked = params["h"]["block"]
+    n_layer = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "h"}
+    for i in range(n_layer):
+        out[f"h_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+    return out
+
+
 class GPT(nn.Module):
     """GPT-2. `__call__(idx)` returns float32 logits (B, T, V); `decode` runs on a KV cache."""
 
@@ -228,8 +271,11 @@ class GPT(nn.Module):
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, **embed)
         self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, **embed)
         self.drop = nn.Dropout(cfg.dropout)
-        block = _remat_block(cfg)
-        self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+        if cfg.scan_layers:
+            self.h_scan = _scanned_blocks(cfg)
+        else:
+            block = _remat_block(cfg)
+            self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg, "ln_f")
 
     def _logits(self, x_BxTxC):
@@ -245,8 +291,11 @@ class GPT(nn.Module):
             )
         x_BxTxC = self.wte(idx_BxT) + self.wpe(jnp.arange(T))[None]
         x_BxTxC = self.drop(x_BxTxC, deterministic=deterministic)
-        for block in self.h:
-            x_BxTxC, _ = block(x_BxTxC, deterministic)
+        if self.config.scan_layers:
+            x_BxTxC, _ = self.h_scan(x_BxTxC, deterministic)
+        else:
+            for block in self.h:
+                x_BxTxC, _ = block(x_BxTxC, deterministic)
         return self._logits(self.ln_f(x_BxTxC))
 
     def decode(self, idx_BxT, cache, pos):
@@ -254,6 +303,9 @@ class GPT(nn.Module):
 
         Returns (logits (B, T, V) float32, new_cache). pos may be a traced scalar; the caller
         keeps pos + T <= cache length (= block_size)."""
+        if self.config.scan_layers:
+            raise ValueError("decode needs per-layer parameters: use unstack_layers(params) and "
+                             "a config with scan_layers=False")
         T = idx_BxT.shape[1]
         positions_T = pos + jnp.arange(T)
         x_BxTxC = self.wte(idx_BxT) + self.wpe(positions_T)[None]

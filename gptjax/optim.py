@@ -44,8 +44,13 @@ def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 def decay_mask(params):
     """nanoGPT decays every parameter of 2 or more dimensions (weights, embeddings) and no
-    bias or LayerNorm parameter."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    bias or LayerNorm parameter. Under 'h' (scan_layers) a leading layer axis is not counted."""
+
+    def decays(path, p):
+        stacked = getattr(path[0], "key", None) == "h"
+        return p.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

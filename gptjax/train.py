@@ -23,9 +23,9 @@ from gptjax import data as data_lib
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, model_meta, write_json
 from gptjax.config import TrainConfig
-from gptjax.faults import StopRequest, check_writable
+from gptjax.faults import StopRequest, check_free_space, check_writable, exit_now, state_nbytes
 from gptjax.metrics import MetricsLogger
-from gptjax.model import GPTConfig, crop_block_size, flops_per_token, num_params
+from gptjax.model import GPTConfig, crop_block_size, flops_per_token, num_params, stack_layers
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.step import create_train_state, jit_steps
 
@@ -97,8 +97,12 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
                 "start with --init_from=scratch"
             )
         meta = checkpointer.restore_meta(step)
-        model_cfg = cfg.model_config(vocab_size)
-        check_model_matches(meta["model"], model_cfg, str(checkpointer.directory / str(step)))
+        # The model is the checkpoint's, as in nanoGPT: a run started from pretrained weights has an
+        # architecture its n_layer/n_embd/... keys never described. Those keys must still be the ones
+        # the checkpointed run was given, so a changed --n_embd is refused rather than ignored.
+        check_model_matches(meta.get("run") or meta["model"], cfg, str(checkpointer.directory / str(step)))
+        model_cfg = dataclasses.replace(GPTConfig(**meta["model"]), dropout=cfg.dropout, dtype=cfg.dtype,
+                                        attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers)
         return model_cfg, None, meta
     from gptjax.convert import load_pretrained  # torch-free for HF safetensors
 
@@ -108,7 +112,9 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
     if cfg.block_size < model_cfg.block_size:
         params, model_cfg = crop_block_size(params, model_cfg, cfg.block_size)
     model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout, dtype=cfg.dtype,
-                                    attention=cfg.attention, remat=cfg.remat)
+                                    attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers)
+    if cfg.scan_layers:
+        params = stack_layers(params, model_cfg.n_layer)
     return model_cfg, params, None
 
 
@@ -122,7 +128,10 @@ def setup(cfg: TrainConfig) -> Run:
     if jax.process_index() == 0:
         check_writable(cfg.out_dir)
     data_dir = cfg.resolved_data_dir
-    meta = data_lib.ensure_dataset(cfg.dataset, data_dir, cfg.data_input or None) if jax.process_index() == 0 else None
+    # Every host prepares when the files are missing: pod hosts have their own disks, and one that
+    # read meta.pkl before host 0 had written it would build a model with GPT-2's vocabulary.
+    # The writes are atomic renames, so hosts sharing a disk never see half-written files.
+    meta = data_lib.ensure_dataset(cfg.dataset, data_dir, cfg.data_input or None)
     meta = data_lib.load_meta(data_dir) if meta is None else meta
     checkpointer = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints)
     model_cfg, params, resume_meta = _load_model_config(cfg, meta and meta["vocab_size"], checkpointer)
@@ -133,6 +142,8 @@ def setup(cfg: TrainConfig) -> Run:
 
     optimizer = make_optimizer(cfg)
     state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed, params)
+    if jax.process_index() == 0:
+        check_free_space(cfg.out_dir, state_nbytes(state) + (16 << 20))
     best_val = float("inf")
     if resume_meta is not None:
         state, _ = checkpointer.restore(jax.tree_util.tree_map(
@@ -159,6 +170,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     last: dict[str, Any] = {"iter": start}
     prefetch = data_lib.Prefetcher(lambda s: run.batch("train", s), start, depth=max(cfg.prefetch, 1))
     pending = None  # (iter, device metrics) of the step in flight
+    hard_stop = False
     try:
         with stop.installed():
             it = start
@@ -186,9 +198,15 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
                 log.info(f"stopped by {stop.signal_name} at iter {it}; checkpoint saved to "
                          f"{run.checkpointer.directory}. Resume with the same command plus --init_from=resume")
                 last["stopped"] = stop.signal_name
+    except KeyboardInterrupt:
+        # A second Ctrl-C: leave without waiting for a save in flight; its temporary directory is
+        # never renamed, so the newest complete checkpoint stays the one a resume restores.
+        hard_stop = True
+        raise
     finally:
         prefetch.close()
-        run.checkpointer.close()
+        if not hard_stop:
+            run.checkpointer.close()
         log.close()
     return last
 
@@ -196,6 +214,14 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
 def _evaluate(run: Run, it: int, log: MetricsLogger) -> dict[str, Any]:
     losses = run.estimate_loss(it)
     log.eval(it, losses["train"], losses["val"])
+    if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
+        # finite-but-absurd weights (e.g. after a huge learning rate) must not replace a good checkpoint
+        message = (f"non-finite eval loss (train {losses['train']}, val {losses['val']}) at iter {it}; "
+                   "no checkpoint saved")
+        if run.cfg.nonfinite == "stop":
+            raise NonFiniteLoss(message + f": stopping. {_last_checkpoint(run)}; lower the learning_rate")
+        log.info(message)
+        return {"train_loss": losses["train"], "val_loss": losses["val"]}
     if losses["val"] < run.best_val_loss or run.cfg.always_save_checkpoint:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if it > 0 and not run.cfg.eval_only:
@@ -209,11 +235,16 @@ def _log_step(run: Run, log: MetricsLogger, it: int, metrics) -> dict[str, Any]:
         message = (f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at iter {it}; "
                    "the update was not applied")
         if run.cfg.nonfinite == "stop":
-            raise NonFiniteLoss(message + ": stopping. The last checkpoint is untouched; lower the "
+            raise NonFiniteLoss(message + f": stopping. {_last_checkpoint(run)}; lower the "
                                 "learning_rate or pass --nonfinite=skip to skip such updates")
         log.info(message + f" (skipped {metrics['skipped']} so far)")
     log.step(it, metrics)
     return {"iter": it + 1, "loss": metrics["loss"], "lr": metrics["lr"]}
+
+
+def _last_checkpoint(run: Run) -> str:
+    step = run.checkpointer.latest_step()
+    return "No checkpoint was saved" if step is None else f"The last checkpoint (iter {step}) is untouched"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,9 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(config_lib.help_text())
         return 0
+    cfg = None
     try:
         cfg = config_lib.parse_args(argv)
         train(cfg)
+    except KeyboardInterrupt:
+        exit_now(cfg.out_dir if cfg is not None else None)
     except (ValueError, TypeError, OSError, ImportError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, NonFiniteLoss) else 3

@@ -1,0 +1,250 @@
+"""Benchmarks: `python -m gptjax.bench [CONFIG] [--key=value ...] [--steps N] [--compare torch] [--json FILE]`.
+
+nanoGPT's bench.py, extended: times the jitted train step after warm-up (ms/iter, tokens/s, model
+FLOP/s, MFU, compile time, peak memory) and, with --compare torch, the same model, config and
+batch in nanoGPT's PyTorch architecture (eager and torch.compile) in the same process, then
+sampling tokens/s with the KV cache vs full recomputation. Prints a table and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from gptjax import config as config_lib
+from gptjax import sharding
+from gptjax.config import TrainConfig
+from gptjax.model import flops_per_token, num_params
+from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.perf import device_peak_flops
+from gptjax.step import create_train_state, jit_steps
+
+TRAIN_IMPLS = ("gptjax", "torch", "torch-compile")
+
+
+@dataclasses.dataclass
+class Row:
+    impl: str
+    config: str
+    ms_per_iter: float
+    tokens_per_s: float
+    mfu: float
+    compile_s: float
+    peak_mem_mb: float | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _batch_tokens(cfg: TrainConfig, vocab_size: int, real_data: bool) -> np.ndarray:
+    """(A, B, T+1) int32 windows: random tokens, or a training batch of the real dataset."""
+    if real_data:
+        from gptjax import data as data_lib
+
+        dataset = data_lib.BinDataset(cfg.resolved_data_dir, cfg.block_size, vocab_size, cfg.dataset)
+        x, y = data_lib.get_batch(dataset, "train", 0, cfg.batch_size, cfg.block_size, cfg.seed,
+                                  accum_steps=cfg.gradient_accumulation_steps)
+        return np.concatenate([x, y[..., -1:]], axis=-1)
+    rng = np.random.default_rng(cfg.seed)
+    shape = (cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size + 1)
+    return rng.integers(0, vocab_size, shape).astype(np.int32)
+
+
+def _dataset_vocab(cfg: TrainConfig) -> int | None:
+    """A char-level dataset's vocabulary when it is prepared, as training would use."""
+    from gptjax.data import load_meta
+
+    meta = load_meta(cfg.resolved_data_dir)
+    return meta and meta["vocab_size"]
+
+
+def _time(step, n_steps: int) -> tuple[float, float]:
+    """(compile-or-first-call seconds, seconds per step over n_steps after two warm-up steps)."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    step()
+    step()
+    start = time.perf_counter()
+    for _ in range(n_steps):
+        step()
+    return first, (time.perf_counter() - start) / n_steps
+
+
+def bench_gptjax(cfg: TrainConfig, name: str, tokens: np.ndarray, n_steps: int, vocab_size: int,
+                 profile_dir: str | None = None) -> Row:
+    mesh = sharding.make_mesh(cfg.dp, cfg.fsdp)
+    sharding.check_batch_divisible(cfg.batch_size, mesh)
+    model_cfg = cfg.model_config(vocab_size)
+    optimizer = make_optimizer(cfg)
+    state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed)
+    train_step, _ = jit_steps(model_cfg, optimizer, lr_schedule(cfg), shardings, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = tuple(jax.device_put(a, batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    _, dt = _time(step, n_steps)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            for _ in range(3):
+                step()
+    flops = flops_per_token(model_cfg, num_params(state.params)) * cfg.tokens_per_iter
+    return Row("gptjax", name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(flops, dt), compile_s, _peak_mem_mb())
+
+
+def _peak_mem_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def _mfu(flops_per_iter: float, dt: float) -> float:
+    peak, _ = device_peak_flops()
+    n = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+    return flops_per_iter / dt / (peak * n)
+
+
+def bench_torch(cfg: TrainConfig, name: str, tokens: np.ndarray, n_steps: int, vocab_size: int,
+                compile: bool) -> Row:
+    """nanoGPT's training step in PyTorch on CPU: same model, AdamW groups, clipping and batch."""
+    import torch
+
+    from gptjax import torch_ref
+
+    torch.manual_seed(cfg.seed)
+    model = torch_ref.GPT(torch_ref.GPTConfig(
+        block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    forward = torch.compile(model) if compile else model
+    x = torch.from_numpy(tokens[..., :-1].astype(np.int64))
+    y = torch.from_numpy(tokens[..., 1:].astype(np.int64))
+
+    def step():
+        for micro in range(x.shape[0]):
+            _, loss = forward(x[micro], y[micro])
+            (loss / x.shape[0]).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    first, dt = _time(step, n_steps)
+    flops = flops_per_token(cfg.model_config(vocab_size), model.get_num_params()) * cfg.tokens_per_iter
+    impl = "torch-compile" if compile else "torch"
+    compile_s = max(first - dt, 0.0) if compile else 0.0  # the first call compiles, then runs a step
+    return Row(impl, name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(flops, dt), compile_s)
+
+
+def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool) -> list[Row]:
+    """Tokens/s of generated tokens at batch 1: KV cache vs full recomputation (and PyTorch's)."""
+    from gptjax.generate import benchmark_sampling
+    from gptjax.model import init_params
+
+    model_cfg = cfg.model_config(vocab_size)
+    params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
+    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1)
+    rows = [
+        Row("gptjax-sample-cache", name, 1e3 / result["cache_tokens_per_s"], result["cache_tokens_per_s"],
+            float("nan"), result.get("cache_compile_s", float("nan"))),
+        Row("gptjax-sample-recompute", name, 1e3 / result["recompute_tokens_per_s"],
+            result["recompute_tokens_per_s"], float("nan"), result.get("recompute_compile_s", float("nan"))),
+    ]
+    if compare_torch:
+        import torch
+
+        from gptjax import torch_ref
+
+        torch.manual_seed(cfg.seed)
+        model = torch_ref.GPT(torch_ref.GPTConfig(
+            block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+            n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval()
+        idx = torch.zeros((1, 1), dtype=torch.long)
+        model.generate(idx, 8)  # warm-up
+        start = time.perf_counter()
+        model.generate(idx, new_tokens, top_k=200)
+        dt = (time.perf_counter() - start) / new_tokens
+        rows.append(Row("torch-sample-recompute", name, dt * 1e3, 1 / dt, float("nan"), 0.0))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = f"{'impl':<24} {'config':<22} {'ms/iter':>10} {'tokens/s':>12} {'MFU':>7} {'compile s':>10} {'peak MB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        mfu = "" if np.isnan(r.mfu) else f"{r.mfu * 100:.1f}%"
+        mem = "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
+        lines.append(f"{r.impl:<24} {r.config:<22} {r.ms_per_iter:>10.2f} {r.tokens_per_s:>12,.0f} "
+                     f"{mfu:>7} {r.compile_s:>10.1f} {mem:>9}" + (f"  {r.note}" if r.note else ""))
+    by_impl = {r.impl: r for r in rows}
+    for other in ("torch", "torch-compile", "torch-sample-recompute", "gptjax-sample-recompute"):
+        mine = "gptjax-sample-cache" if "sample" in other else "gptjax"
+        if other in by_impl and mine in by_impl:
+            ratio = by_impl[mine].tokens_per_s / by_impl[other].tokens_per_s
+            lines.append(f"{mine} / {other}: {ratio:.2f}x tokens/s")
+    return "\n".join(lines)
+
+
+def run(argv: Sequence[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__,
+                                     epilog=config_lib.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    parser.add_argument("--compare", choices=["torch"], help="also time nanoGPT's PyTorch model")
+    parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row")
+    parser.add_argument("--sample", type=int, default=0, metavar="N", help="also time sampling N new tokens")
+    parser.add_argument("--real-data", action="store_true", help="batches from the dataset, not random tokens")
+    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
+    parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    parser.add_argument("--name", help="config label in the table (default: the CONFIG name)")
+    args, rest = parser.parse_known_args(argv)
+    cfg = config_lib.parse_args(rest, base=config_lib.TrainConfig())
+    name = args.name or next((a for a in rest if not a.startswith("--")), "default")
+    vocab_size = cfg.vocab_size or _dataset_vocab(cfg) or 50304
+    tokens = _batch_tokens(cfg, vocab_size, args.real_data)
+    rows = [bench_gptjax(cfg, name, tokens, args.steps, vocab_size, args.profile)]
+    if args.compare == "torch":
+        rows.append(bench_torch(cfg, name, tokens, args.steps, vocab_size, compile=False))
+        if not args.no_torch_compile:
+            rows.append(bench_torch(cfg, name, tokens, args.steps, vocab_size, compile=True))
+    if args.sample:
+        rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch")
+    peak, source = device_peak_flops()
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "peak_flops": peak,
+                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        run(argv)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
