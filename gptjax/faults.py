@@ -79,8 +79,9 @@ def exit_now(out_dir: str | os.PathLike | None, code: int = EXIT_INTERRUPTED) ->
         steps = complete_steps(checkpoint_dir(out_dir))
         where = (f" The newest complete checkpoint, step {steps[-1]} in {checkpoint_dir(out_dir)}, is intact: "
                  "resume with --init_from=resume" if steps else " No checkpoint had been completed yet")
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe must not block the exit
+            stream.flush()
     _write_stderr(f"\nerror: interrupted: exiting at once without waiting for a checkpoint save.{where}\n")
     os._exit(code)
 

@@ -1,0 +1,34 @@
+"""A `python -m gptjax.train` child for tests/test_faults.py, with two test-only changes made from
+outside the library:
+
+  python tests/_fault_worker.py [--file-size-limit BYTES] -- [CONFIG] [--key=value ...]
+
+--file-size-limit makes every write past BYTES in any file fail with EFBIG (RLIMIT_FSIZE, SIGXFSZ
+ignored), which the checkpoint writer meets exactly as it would meet a full disk. And the CPU's peak
+FLOP/s, which only feeds the MFU column, is not measured: that takes seconds of 2048^3 matmuls
+in every child and the tests start a dozen.
+"""
+
+import resource
+import runpy
+import signal
+import sys
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    split = argv.index("--")
+    options, train_args = argv[:split], argv[split + 1 :]
+    if options[:1] == ["--file-size-limit"]:
+        limit = int(options[1])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    import gptjax.perf
+
+    gptjax.perf.measure_matmul_flops = lambda *args, **kwargs: 1e12
+    sys.argv = ["gptjax.train", *train_args]
+    runpy.run_module("gptjax.train", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
