@@ -195,7 +195,7 @@ def find_config_file(name: str) -> Path:
         candidate = folder / f"{path.stem}.py"
         if candidate.exists():
             return candidate
-    available = sorted({p.stem for d in config_dirs() if d.is_dir() for p in d.glob("*.py")})
+    available = sorted({p.stem for d in config_dirs() if d.is_dir() for p in d.glob("*.py") if p.stem != "__init__"})
     raise FileNotFoundError(f"no config {name!r}; available: {', '.join(available) or 'none'}")
 
 

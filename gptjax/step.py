@@ -98,7 +98,8 @@ def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Cal
         skipped=state.skipped + (~finite).astype(jnp.int32),
     )
     metrics = {
-        "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+        # the optimizer's schedule counts applied updates, which skipped ones are not
+        "loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - state.skipped),
         "nonfinite": ~finite, "skipped": new_state.skipped,
     }
     return new_state, metrics
@@ -116,14 +117,15 @@ def jit_steps(cfg: GPTConfig, optimizer, schedule, state_shardings, mesh: Mesh):
     model = GPT(cfg)
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
+    # traced with the mesh in context so the model can pin activations (sharding.constrain_batch)
     train = jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule),
+        sharding.under_mesh(functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule), mesh),
         in_shardings=(state_shardings, (batch_sharding, batch_sharding)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, model=model),
+        sharding.under_mesh(functools.partial(eval_step, model=model), mesh),
         in_shardings=(state_shardings.params, (batch_sharding, batch_sharding)),
         out_shardings=replicated,
     )
