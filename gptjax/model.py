@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax import sharding
+
 ACTIVATIONS = ("gelu", "gelu_tanh")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -198,6 +200,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None):
         cfg = self.config
+        # Pin activations to the batch split, or XLA copies the fsdp weight layout into them.
+        x_BxTxC = sharding.constrain_batch(x_BxTxC)
         y_BxTxC, new_cache = CausalSelfAttention(cfg, name="attn")(
             _layer_norm(cfg, "ln_1")(x_BxTxC), deterministic, cache, pos
         )

@@ -7,6 +7,7 @@ that divides evenly. XLA inserts the all-gathers and reduce-scatters from these 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -19,20 +20,36 @@ MIN_SHARD_SIZE = 2**12  # smaller arrays (biases, LayerNorm) stay replicated: no
 
 def maybe_initialize_distributed() -> None:
     """Join a multi-host run when launched as one (TPU pod, SLURM, or the JAX_COORDINATOR_ADDRESS /
-    JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); a single process does nothing."""
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID variables); a single process does nothing. Call it before
+    anything touches a device: jax.distributed must start before the backends do."""
     explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
     tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ["TPU_WORKER_HOSTNAMES"]
     if jax.distributed.is_initialized() or not (explicit or slurm or tpu_pod):
         return
+    # CPU processes exchange gradients through gloo (bundled with jaxlib); the setting only
+    # concerns the CPU client, so it is harmless on GPU and TPU hosts.
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
         jax.distributed.initialize(
             coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            num_processes=_env_int("JAX_NUM_PROCESSES"),
+            process_id=_env_int("JAX_PROCESS_ID"),
         )
     else:
         jax.distributed.initialize()  # auto-detects SLURM and Cloud TPU
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"JAX_COORDINATOR_ADDRESS is set but {name}={value!r} is not an integer: set "
+            "JAX_NUM_PROCESSES (how many processes) and JAX_PROCESS_ID (0..N-1) on every process too"
+        ) from None
 
 
 def make_mesh(dp: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -40,14 +57,14 @@ def make_mesh(dp: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if dp == -1 and fsdp == -1:
-        raise ValueError("only one of dp and fsdp may be -1")
+        raise ValueError("only one of dp and fsdp may be -1 (all remaining devices); give the other a size")
     if dp == -1:
         if n % fsdp:
-            raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
+            raise ValueError(f"fsdp={fsdp} does not divide the {n} devices; use a divisor of {n}")
         dp = n // fsdp
     elif fsdp == -1:
         if n % dp:
-            raise ValueError(f"dp={dp} does not divide the {n} devices")
+            raise ValueError(f"dp={dp} does not divide the {n} devices; use a divisor of {n}")
         fsdp = n // dp
     if dp * fsdp != n:
         raise ValueError(f"dp={dp} x fsdp={fsdp} = {dp * fsdp} does not match the {n} devices; "
@@ -96,6 +113,30 @@ def state_shardings(abstract_state, mesh: Mesh):
     return jax.tree_util.tree_map(
         lambda x: NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp_size)), abstract_state
     )
+
+
+def constrain_batch(x_BxTxC: jax.Array) -> jax.Array:
+    """Keep an activation split on its batch dimension over every device, inside a step traced by
+    `under_mesh`; elsewhere (sampling, one device, a batch that does not divide) it is unchanged.
+
+    Without it XLA spreads the fsdp-split weights' layout into the activations and moves them
+    back and forth with all-to-alls and all-gathers in every layer (on an 8-device dp=2 x fsdp=4
+    tiny GPT: 222 all-gathers and 150 all-to-alls in the train step; 40 and 6 with it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(DATA_AXES) <= set(mesh.axis_names) or x_BxTxC.shape[0] % data_size(mesh):
+        return x_BxTxC
+    return jax.lax.with_sharding_constraint(x_BxTxC, P(DATA_AXES))
+
+
+def under_mesh(fn, mesh: Mesh):
+    """`fn` traced with `mesh` in context, so that `constrain_batch` inside it applies."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
