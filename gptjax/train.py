@@ -27,6 +27,7 @@ from gptjax.faults import StopRequest, check_free_space, check_writable, exit_no
 from gptjax.metrics import MetricsLogger
 from gptjax.model import GPTConfig, crop_block_size, flops_per_token, num_params, stack_layers
 from gptjax.optim import lr_schedule, make_optimizer
+from gptjax.perf import split_cpu_devices
 from gptjax.step import create_train_state, jit_steps
 
 
@@ -247,7 +248,9 @@ def _last_checkpoint(run: Run) -> str:
     return "No checkpoint was saved" if step is None else f"The last checkpoint (iter {step}) is untouched"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, split_cpu: bool = False) -> int:
+    """The CLI. split_cpu (set when run as `python -m gptjax.train`): on a CPU-only machine, run
+    the batch data-parallel over the cores as separate XLA devices (see perf.split_cpu_devices)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(config_lib.help_text())
@@ -255,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = None
     try:
         cfg = config_lib.parse_args(argv)
+        if split_cpu and cfg.dp == -1 and cfg.fsdp == 1:
+            split_cpu_devices(cfg.batch_size)
         train(cfg)
     except KeyboardInterrupt:
         exit_now(cfg.out_dir if cfg is not None else None)
@@ -265,4 +270,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(split_cpu=True))

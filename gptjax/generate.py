@@ -1,0 +1,385 @@
+"""Autoregressive sampling: nanoGPT's `generate` on a KV cache, in one compiled loop.
+
+Each call runs `_decode`, a `lax.while_loop` that samples one token per step (step t with key
+fold_in(key, t)); `generate_stream` runs the same compiled loop chunk by chunk, carrying its state,
+so streamed tokens are exactly `generate`'s. `generate_recompute` is nanoGPT's algorithm (a full
+forward over the cropped context per token), the reference for tests and benchmarks.
+
+Layout. Each row's context lives in `ctx_BxM` (M = prompt length + max_new_tokens) right-padded:
+its prompt at 0..len_b-1, then its sampled tokens. Unequal prompts arrive left-padded with
+`prompt_lengths` (the usual convention) and are moved to the start of their row, so a row's
+tokens sit at the positions they would have alone; padding only ever follows a row's last token,
+where the causal mask hides it. Equal rows share one cache position per step (the model's batched
+decode); unequal ones get their own through a decode vmapped over rows.
+
+Context longer than block_size, as nanoGPT: the model sees only the last block_size tokens, at
+positions 0..block_size-1. While a row's context fits, a step feeds one token into the cache.
+Past that, every token's position shifts by one per step, so no cached key/value stays valid: each
+such step recomputes the cropped window from scratch (inside the same loop), exactly as nanoGPT
+and as expensively. Prompts longer than block_size are cropped to their last block_size tokens up
+front, which changes nothing since the model never sees more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from gptjax.model import GPT, GPTConfig, init_cache, init_params, unstack_layers
+
+
+@struct.dataclass
+class Sampling:
+    """How each token is picked from the logits: a pytree of traced values, so every setting
+    reuses the compiled loop. None switches a filter off."""
+
+    temperature: float | jax.Array = 1.0  # 0 means greedy (argmax)
+    top_k: int | jax.Array | None = None  # keep the k most likely (ties at the k-th all kept: nanoGPT)
+    top_p: float | jax.Array | None = None  # nucleus: the smallest set with probability >= top_p
+    vocab_limit: int | jax.Array | None = None  # ids >= vocab_limit (padding) are never sampled
+
+
+def default_vocab_limit(cfg: GPTConfig) -> int:
+    """GPT-2's 50257 real tokens when the vocab is nanoGPT's padded 50304, else the whole vocab."""
+    return 50257 if cfg.vocab_size == 50304 else cfg.vocab_size
+
+
+def _kth_largest(x_BxV: jax.Array, k) -> jax.Array:
+    """Each row's k-th largest value (B, 1), exactly, by building its bits from the top: 32 passes of
+    compare-and-count. lax.top_k inside a compiled loop sorts the row on CPU, ~20x slower at V=50k."""
+    bits_BxV = jax.lax.bitcast_convert_type(x_BxV.astype(jnp.float32), jnp.uint32)
+    # an order-preserving map of float32 onto uint32: negatives get all bits flipped, others the sign
+    u_BxV = jnp.where(bits_BxV >> 31 == 1, ~bits_BxV, bits_BxV | jnp.uint32(1 << 31))
+
+    def set_bit(i, ans_Bx1):  # keep bit 31-i if at least k values are >= the answer with it set
+        cand_Bx1 = ans_Bx1 | (jnp.uint32(1 << 31) >> i.astype(jnp.uint32))
+        return jnp.where(jnp.sum(u_BxV >= cand_Bx1, -1, keepdims=True) >= k, cand_Bx1, ans_Bx1)
+
+    ans_Bx1 = jax.lax.fori_loop(0, 32, set_bit, jnp.zeros((x_BxV.shape[0], 1), jnp.uint32))
+    bits_Bx1 = jnp.where(ans_Bx1 >> 31 == 1, ans_Bx1 & jnp.uint32(0x7FFFFFFF), ~ans_Bx1)
+    return jax.lax.bitcast_convert_type(bits_Bx1, jnp.float32)
+
+
+def filter_logits(logits_BxV: jax.Array, s: Sampling) -> jax.Array:
+    """Logits scaled by 1/temperature with everything outside vocab_limit, top-k and top-p at -inf
+    (temperature must be > 0 here). Conds, not Python ifs: top_k and top_p are traced, and a filter
+    that is off (top_k >= V, top_p = 1) costs nothing at run time."""
+    V = logits_BxV.shape[-1]
+    if s.vocab_limit is not None:
+        logits_BxV = jnp.where(jnp.arange(V) < s.vocab_limit, logits_BxV, -jnp.inf)
+    logits_BxV = logits_BxV / s.temperature
+
+    def top_k(logits_BxV):
+        return jnp.where(logits_BxV < _kth_largest(logits_BxV, s.top_k), -jnp.inf, logits_BxV)
+
+    def nucleus(logits_BxV):
+        sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # probability mass strictly before each token; the top token (mass 0) is always kept
+        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        before_BxV = before_BxV.at[:, 0].set(0.0)
+        cutoff_Bx1 = jnp.min(jnp.where(before_BxV < s.top_p, sorted_BxV, jnp.inf), -1, keepdims=True)
+        return jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
+
+    if s.top_k is not None:
+        logits_BxV = jax.lax.cond(s.top_k < V, top_k, lambda x: x, logits_BxV)
+    if s.top_p is not None:
+        logits_BxV = jax.lax.cond(s.top_p < 1, nucleus, lambda x: x, logits_BxV)
+    return logits_BxV
+
+
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """One token id per row (int32): argmax when temperature is 0, else a draw from filter_logits."""
+    greedy = s.temperature == 0  # traced: greedy and sampled runs share one compilation
+    logits_BxV = filter_logits(logits_BxV, s.replace(temperature=jnp.where(greedy, 1.0, s.temperature)))
+    sampled_B = jax.random.categorical(key, logits_BxV, axis=-1)
+    return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled_B).astype(jnp.int32)
+
+
+def _logits_at(model: GPT, idx_BxT, at_B, cache=None):
+    """Forward T tokens at positions 0..T-1 (into `cache` if given) with the tied head applied only at
+    index at_B[b] of each row, as nanoGPT's inference forward: the head over all T positions would
+    be ~30% of a GPT-2 step. Used as `GPT(cfg).apply(..., method=_logits_at)`."""
+    T = idx_BxT.shape[1]
+    x_BxTxC = model.wte(idx_BxT) + model.wpe(jnp.arange(T))[None]
+    new_cache = []
+    for i, block in enumerate(model.h):
+        x_BxTxC, layer_cache = block(x_BxTxC, True, None if cache is None else cache[i], 0)
+        new_cache.append(layer_cache)
+    x_Bx1xC = jnp.take_along_axis(x_BxTxC, at_B[:, None, None], axis=1)
+    return model._logits(model.ln_f(x_Bx1xC))[:, 0], (None if cache is None else new_cache)
+
+
+def _window_logits(params, cfg: GPTConfig, ctx_BxM, L_B, W: int):
+    """Logits after each row's first L_b tokens, seen as nanoGPT's cropped context: the last W (or
+    all L_b) of them recomputed from scratch at positions 0... Also returns the cache it filled,
+    valid for the rows with L_b <= W."""
+    B = ctx_BxM.shape[0]
+    start_B = jnp.maximum(L_B - W, 0)
+    win_BxW = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (W,)))(ctx_BxM, start_B)
+    at_B = jnp.minimum(L_B, W) - 1
+    return GPT(cfg).apply({"params": params}, win_BxW, at_B, init_cache(cfg, B), method=_logits_at)
+
+
+def _decode_rows(params, cfg: GPTConfig, tok_B, cache, pos_B):
+    """Feed one token per row into the cache at that row's own position pos_B[b]."""
+
+    def one_row(tok, row_cache, pos):
+        row_cache = jax.tree.map(lambda x: x[None], row_cache)
+        logits_1x1xV, row_cache = GPT(cfg).apply(
+            {"params": params}, tok.reshape(1, 1), row_cache, pos, method=GPT.decode
+        )
+        return logits_1x1xV[0, 0], jax.tree.map(lambda x: x[0], row_cache)
+
+    return jax.vmap(one_row)(tok_B, cache, pos_B)
+
+
+class _State(NamedTuple):
+    t: jax.Array  # tokens sampled so far (the same for every row)
+    ctx_BxM: jax.Array  # prompt then sampled tokens, right-padded per row
+    len_B: jax.Array  # prompt length per row
+    out_BxN: jax.Array  # the sampled tokens; stop_token (or 0) after a row stops
+    done_B: jax.Array  # the row has emitted stop_token
+    cache: list
+
+
+def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_tokens: int, stop) -> _State:
+    """The loop's initial state: left-padded prompts moved to the start of each row's context."""
+    B, T = prompt_BxT.shape
+    ctx_BxM = np.zeros((B, T + max_new_tokens), np.int32)
+    for b, n in enumerate(len_B):
+        ctx_BxM[b, :n] = prompt_BxT[b, T - n :]
+    return _State(
+        t=jnp.int32(0),
+        ctx_BxM=jnp.asarray(ctx_BxM),
+        len_B=jnp.asarray(len_B),
+        out_BxN=jnp.full((B, max_new_tokens), max(stop, 0), jnp.int32),
+        done_B=jnp.zeros((B,), bool),
+        cache=init_cache(cfg, B),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ragged"))
+def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, ragged) -> _State:
+    """Sample tokens state.t..end-1, stopping early once every row has emitted `stop` (-1: never).
+    `end` is traced so streaming chunks reuse this compilation. ragged: unequal prompt lengths.
+
+    Step 0 (the prefill) and the steps whose context is longer than block_size recompute the
+    (cropped) window from scratch; the others feed one token into the cache."""
+    bs = cfg.block_size
+    M, N = state.ctx_BxM.shape[1], state.out_BxN.shape[1]
+    # the longest context sampled from is M - 1. If that fits, the window is just the prompt;
+    # if not, the prefill computes a whole block too, one extra window step among many, so that
+    # one compiled forward serves both
+    W = bs if M - 1 > bs else M - N
+
+    def step(state: _State) -> _State:
+        L_B = state.len_B + state.t  # context length each row samples from this step
+
+        def recompute(cache):
+            return _window_logits(params, cfg, state.ctx_BxM, L_B, W)
+
+        def incremental(cache):
+            tok_B = jnp.take_along_axis(state.ctx_BxM, (L_B - 1)[:, None], axis=1)[:, 0]
+            # finished rows may be past the block; clamp so they compute finite garbage
+            pos_B = jnp.minimum(L_B - 1, bs - 1)
+            if ragged:
+                return _decode_rows(params, cfg, tok_B, cache, pos_B)
+            # equal rows share one position: the batched decode, 2x faster than the vmapped one on CPU
+            logits_Bx1xV, cache = GPT(cfg).apply(
+                {"params": params}, tok_B[:, None], cache, pos_B[0], method=GPT.decode
+            )
+            return logits_Bx1xV[:, 0], cache
+
+        # past the block every position shifts each step: no cached key/value stays valid
+        full = (state.t == 0) | jnp.any(~state.done_B & (L_B > bs))
+        logits_BxV, cache = jax.lax.cond(full, recompute, incremental, state.cache)
+
+        tok_B = sample_logits(logits_BxV, jax.random.fold_in(key, state.t), sampling)
+        tok_B = jnp.where(state.done_B, jnp.maximum(stop, 0), tok_B)
+        rows_B = jnp.arange(tok_B.shape[0])
+        return _State(
+            t=state.t + 1,
+            ctx_BxM=state.ctx_BxM.at[rows_B, L_B].set(tok_B),
+            len_B=state.len_B,
+            out_BxN=state.out_BxN.at[:, state.t].set(tok_B),
+            done_B=state.done_B | (tok_B == stop),
+            cache=cache,
+        )
+
+    def running(state: _State):
+        return (state.t < end) & ~jnp.all(state.done_B)
+
+    return jax.lax.while_loop(running, step, state)
+
+
+def _per_layer(params, cfg: GPTConfig):
+    """The KV-cache decode needs GPT-2's per-layer parameters: unstack a scan_layers model's."""
+    if cfg.scan_layers:
+        return unstack_layers(params), dataclasses.replace(cfg, scan_layers=False)
+    return params, cfg
+
+
+def _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit, prompt_lengths,
+           stop_token=None):
+    """Validated (prompt_BxT int32 cropped to block_size, len_B, Sampling)."""
+    prompt_BxT = np.asarray(prompt_tokens)
+    if prompt_BxT.ndim != 2 or prompt_BxT.shape[1] == 0 or not np.issubdtype(prompt_BxT.dtype, np.integer):
+        raise ValueError("prompt_tokens must be a non-empty (batch, length) integer array, "
+                         f"got {prompt_BxT.dtype} of shape {prompt_BxT.shape}")
+    B, T = prompt_BxT.shape
+    len_B = np.full((B,), T) if prompt_lengths is None else np.asarray(prompt_lengths).reshape(-1)
+    if len_B.shape != (B,) or len_B.min() < 1 or len_B.max() > T:
+        raise ValueError(f"prompt_lengths must hold {B} lengths in [1, {T}], got {prompt_lengths}")
+    real = prompt_BxT[np.arange(T)[None] >= (T - len_B)[:, None]]  # the tokens left of the padding
+    if real.min() < 0 or real.max() >= cfg.vocab_size:
+        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got {real.min()}..{real.max()}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    vocab_limit = default_vocab_limit(cfg) if vocab_limit is None else int(vocab_limit)
+    if not 1 <= vocab_limit <= cfg.vocab_size:
+        raise ValueError(f"vocab_limit={vocab_limit} must be in [1, vocab_size={cfg.vocab_size}]")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if stop_token is not None and not 0 <= stop_token < cfg.vocab_size:
+        raise ValueError(f"stop_token={stop_token} must be a token id in [0, {cfg.vocab_size})")
+    sampling = Sampling(  # every field set, so all settings share one compiled loop
+        temperature=float(temperature),
+        top_k=vocab_limit if top_k is None else min(int(top_k), vocab_limit),  # nanoGPT caps it too
+        top_p=1.0 if top_p is None else float(top_p),
+        vocab_limit=vocab_limit,
+    )
+    # the model never sees more than block_size tokens, so longer prompts lose nothing by cropping
+    bs = cfg.block_size
+    return prompt_BxT[:, -bs:].astype(np.int32), np.minimum(len_B, bs).astype(np.int32), sampling
+
+
+def generate_stream(
+    params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
+    vocab_limit: int | None = None, prompt_lengths=None, chunk_size: int = 32,
+) -> Iterator[np.ndarray]:
+    """`generate`, yielding the tokens (B, k) as numpy arrays every chunk_size steps (after all rows
+    stop, the remaining chunks are padding). The same compiled loop runs chunk by chunk carrying
+    its state, so the tokens are exactly `generate`'s. Arguments are checked at the call."""
+    prompt_BxT, len_B, sampling = _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p,
+                                         vocab_limit, prompt_lengths, stop_token)
+    params, cfg = _per_layer(params, cfg)
+    stop = -1 if stop_token is None else stop_token
+    state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop)
+    static = dict(cfg=cfg, ragged=bool((len_B != len_B[0]).any()))
+
+    def chunks():
+        nonlocal state
+        for start in range(0, max_new_tokens, chunk_size):
+            end = min(start + chunk_size, max_new_tokens)
+            state = _decode(params, state, key, jnp.int32(end), sampling, jnp.int32(stop), **static)
+            yield np.asarray(state.out_BxN[:, start:end])
+
+    return chunks()
+
+
+def generate(
+    params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
+    vocab_limit: int | None = None, prompt_lengths=None,
+) -> jax.Array:
+    """Sample max_new_tokens tokens after each prompt row on the KV cache: int32 (B, max_new_tokens).
+
+    prompt_tokens (B, T): equal-length prompts, or left-padded ones with prompt_lengths (B,).
+    temperature 0 is greedy; top_k / top_p filter as nanoGPT / nucleus sampling; vocab_limit
+    (default `default_vocab_limit(cfg)`) keeps padded vocabulary ids from being sampled. With
+    stop_token a row ends when it samples it and is stop_token from then on; the loop ends when all
+    rows have. Step t samples with fold_in(key, t): the same key gives the same tokens. Contexts
+    longer than block_size are cropped to their last block_size tokens, as nanoGPT; such steps
+    recompute that window instead of using the cache (see the module docstring).
+    """
+    chunks = generate_stream(
+        params, cfg, prompt_tokens, key, max_new_tokens, temperature, top_k, top_p, stop_token,
+        vocab_limit, prompt_lengths, chunk_size=max_new_tokens,
+    )
+    return jnp.asarray(next(chunks))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _recompute_step(params, ctx_BxW, last, key, sampling: Sampling, *, cfg):
+    at_B = jnp.full((ctx_BxW.shape[0],), last)
+    logits_BxV, _ = GPT(cfg).apply({"params": params}, ctx_BxW, at_B, method=_logits_at)
+    return sample_logits(logits_BxV, key, sampling)
+
+
+def _bucket_width(L: int, bucket: int, block_size: int) -> int:
+    return min(-(-L // bucket) * bucket, block_size)
+
+
+def generate_recompute(
+    params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, vocab_limit: int | None = None,
+    bucket: int = 16,
+) -> np.ndarray:
+    """nanoGPT's generate, the reference: every token from a full forward (no cache) over the
+    context cropped to its last block_size tokens, one jitted call per token. Equal-length prompts
+    only. The context is right-padded to a multiple of `bucket` so only ~block_size/bucket shapes
+    compile; causal attention keeps the padding from reaching the last real token."""
+    _, _, sampling = _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit, None)
+    params, cfg = _per_layer(params, cfg)
+    ctx_BxT = np.asarray(prompt_tokens, np.int32)  # uncropped, as nanoGPT's idx
+    T0 = ctx_BxT.shape[1]
+    for t in range(max_new_tokens):
+        cond_BxL = ctx_BxT[:, -cfg.block_size:]
+        L = cond_BxL.shape[1]
+        win_BxW = np.pad(cond_BxL, ((0, 0), (0, _bucket_width(L, bucket, cfg.block_size) - L)))
+        tok_B = _recompute_step(params, win_BxW, L - 1, jax.random.fold_in(key, t), sampling, cfg=cfg)
+        ctx_BxT = np.concatenate([ctx_BxT, np.asarray(tok_B)[:, None]], axis=1)
+    return ctx_BxT[:, T0:]
+
+
+def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
+                       temperature: float = 0.8, top_k: int | None = 200, bucket: int = 16) -> dict:
+    """Tokens/s of `generate` (KV cache) and `generate_recompute` (nanoGPT) after compiling both
+    (compile seconds reported apart). params=None: random weights (speed does not depend on them)."""
+    params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
+    params, cfg = _per_layer(params, cfg)
+    prompt_BxT = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, cfg.vocab_size))
+    key = jax.random.PRNGKey(2)
+    kw = dict(temperature=temperature, top_k=top_k)
+
+    t0 = time.perf_counter()  # compile: the cached loop, run for one token
+    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=1, **kw))
+    cache_compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the reference: once per context width it will meet
+    _, _, sampling = _check(cfg, prompt_BxT, new_tokens, temperature, top_k, None, None, None)
+    prompt_len = min(prompt_len, cfg.block_size)
+    for W in sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
+                     for t in range(new_tokens)}):
+        ctx_BxW = np.zeros((batch, W), np.int32)
+        jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, cfg=cfg))
+    recompute_compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, **kw))
+    cache_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, **kw)
+    recompute_s = time.perf_counter() - t0
+    n = batch * new_tokens
+    return dict(
+        cache_tokens_per_s=n / cache_s,
+        recompute_tokens_per_s=n / recompute_s,
+        speedup=recompute_s / cache_s,
+        cache_s=cache_s,
+        recompute_s=recompute_s,
+        cache_compile_s=cache_compile_s,
+        recompute_compile_s=recompute_compile_s,
+    )
