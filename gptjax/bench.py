@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -23,7 +23,7 @@ from gptjax import sharding
 from gptjax.config import TrainConfig
 from gptjax.model import flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
-from gptjax.perf import device_peak_flops
+from gptjax.perf import device_peak_flops, split_cpu_devices
 from gptjax.step import create_train_state, jit_steps
 
 TRAIN_IMPLS = ("gptjax", "torch", "torch-compile")
@@ -66,21 +66,35 @@ def _dataset_vocab(cfg: TrainConfig) -> int | None:
     return meta and meta["vocab_size"]
 
 
-def _time(step, n_steps: int) -> tuple[float, float]:
-    """(compile-or-first-call seconds, seconds per step over n_steps after two warm-up steps)."""
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    step()
-    step()
-    start = time.perf_counter()
-    for _ in range(n_steps):
-        step()
-    return first, (time.perf_counter() - start) / n_steps
+@dataclasses.dataclass
+class Runner:
+    """One implementation's warmed-up train step, ready to be timed."""
+
+    impl: str
+    step: Callable[[], None]  # one full step, blocking until done
+    flops_per_iter: float
+    compile_s: float
 
 
-def bench_gptjax(cfg: TrainConfig, name: str, tokens: np.ndarray, n_steps: int, vocab_size: int,
-                 profile_dir: str | None = None) -> Row:
+def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int, rounds: int) -> list[Row]:
+    """Time the runners in alternating rounds of n_steps and keep each one's median step time:
+    on a shared machine the load drifts, and interleaving makes the ratios fair."""
+    times: dict[str, list[float]] = {r.impl: [] for r in runners}
+    for _ in range(rounds):
+        for r in runners:
+            start = time.perf_counter()
+            for _ in range(n_steps):
+                r.step()
+            times[r.impl].append((time.perf_counter() - start) / n_steps)
+    rows = []
+    for r in runners:
+        dt = float(np.median(times[r.impl]))
+        mem = _peak_mem_mb() if r.impl == "gptjax" else None
+        rows.append(Row(r.impl, name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(r.flops_per_iter, dt), r.compile_s, mem))
+    return rows
+
+
+def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile_dir: str | None = None) -> Runner:
     mesh = sharding.make_mesh(cfg.dp, cfg.fsdp)
     sharding.check_batch_divisible(cfg.batch_size, mesh)
     model_cfg = cfg.model_config(vocab_size)
@@ -92,19 +106,20 @@ def bench_gptjax(cfg: TrainConfig, name: str, tokens: np.ndarray, n_steps: int, 
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    flops = flops_per_token(model_cfg, num_params(state.params)) * cfg.tokens_per_iter
     holder = {"state": state}
 
     def step():
         holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    _, dt = _time(step, n_steps)
+    step()
+    step()
     if profile_dir:
         with jax.profiler.trace(profile_dir):
             for _ in range(3):
                 step()
-    flops = flops_per_token(model_cfg, num_params(state.params)) * cfg.tokens_per_iter
-    return Row("gptjax", name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(flops, dt), compile_s, _peak_mem_mb())
+    return Runner("gptjax", step, flops, compile_s)
 
 
 def _peak_mem_mb() -> float | None:
@@ -119,8 +134,7 @@ def _mfu(flops_per_iter: float, dt: float) -> float:
     return flops_per_iter / dt / (peak * n)
 
 
-def bench_torch(cfg: TrainConfig, name: str, tokens: np.ndarray, n_steps: int, vocab_size: int,
-                compile: bool) -> Row:
+def torch_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool) -> Runner:
     """nanoGPT's training step in PyTorch on CPU: same model, AdamW groups, clipping and batch."""
     import torch
 
@@ -148,11 +162,12 @@ def bench_torch(cfg: TrainConfig, name: str, tokens: np.ndarray, n_steps: int, v
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    first, dt = _time(step, n_steps)
+    start = time.perf_counter()
+    step()  # torch.compile compiles here
+    compile_s = time.perf_counter() - start if compile else 0.0
+    step()
     flops = flops_per_token(cfg.model_config(vocab_size), model.get_num_params()) * cfg.tokens_per_iter
-    impl = "torch-compile" if compile else "torch"
-    compile_s = max(first - dt, 0.0) if compile else 0.0  # the first call compiles, then runs a step
-    return Row(impl, name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(flops, dt), compile_s)
+    return Runner("torch-compile" if compile else "torch", step, flops, compile_s)
 
 
 def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool) -> list[Row]:
@@ -204,10 +219,11 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(argv: Sequence[str] | None = None) -> list[Row]:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__,
                                      epilog=config_lib.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round, after warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
     parser.add_argument("--compare", choices=["torch"], help="also time nanoGPT's PyTorch model")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--sample", type=int, default=0, metavar="N", help="also time sampling N new tokens")
@@ -215,16 +231,24 @@ def run(argv: Sequence[str] | None = None) -> list[Row]:
     parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--name", help="config label in the table (default: the CONFIG name)")
-    args, rest = parser.parse_known_args(argv)
-    cfg = config_lib.parse_args(rest, base=config_lib.TrainConfig())
+    return parser
+
+
+def run(argv: Sequence[str] | None = None, split_cpu: bool = False) -> list[Row]:
+    """Parse `[CONFIG] [--key=value ...] [bench flags]`, time, print the table; returns the rows."""
+    args, rest = _parser().parse_known_args(argv)
+    cfg = config_lib.parse_args(rest)
+    if split_cpu and cfg.dp == -1 and cfg.fsdp == 1:
+        split_cpu_devices(cfg.batch_size)  # the gptjax row runs as `python -m gptjax.train` would
     name = args.name or next((a for a in rest if not a.startswith("--")), "default")
     vocab_size = cfg.vocab_size or _dataset_vocab(cfg) or 50304
     tokens = _batch_tokens(cfg, vocab_size, args.real_data)
-    rows = [bench_gptjax(cfg, name, tokens, args.steps, vocab_size, args.profile)]
+    runners = [gptjax_runner(cfg, tokens, vocab_size, args.profile)]
     if args.compare == "torch":
-        rows.append(bench_torch(cfg, name, tokens, args.steps, vocab_size, compile=False))
+        runners.append(torch_runner(cfg, tokens, vocab_size, compile=False))
         if not args.no_torch_compile:
-            rows.append(bench_torch(cfg, name, tokens, args.steps, vocab_size, compile=True))
+            runners.append(torch_runner(cfg, tokens, vocab_size, compile=True))
+    rows = measure(runners, cfg, name, args.steps, args.rounds)
     if args.sample:
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch")
     peak, source = device_peak_flops()
@@ -237,9 +261,9 @@ def run(argv: Sequence[str] | None = None) -> list[Row]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, split_cpu: bool = False) -> int:
     try:
-        run(argv)
+        run(argv, split_cpu)
     except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -247,4 +271,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(split_cpu=True))

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -53,14 +54,31 @@ class Child:
         self.out, self.err = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
         limit = [] if file_size_limit is None else ["--file-size-limit", str(file_size_limit)]
         command = [sys.executable, str(Path(__file__).with_name("_fault_worker.py")), *limit, "--", *argv]
+        self.relay = None
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err)
+            if file_size_limit is None:
+                self.proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err)
+                return
+        # The size limit binds every file the child writes, its own logs too: orbax's noise could
+        # fill the log and swallow the error line. Relay the child's output through a pipe instead.
+        self.proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.relay = threading.Thread(target=self._copy_output, daemon=True)
+        self.relay.start()
+
+    def _copy_output(self) -> None:
+        with open(self.err, "ab") as err:
+            for line in self.proc.stdout:
+                err.write(line)
+                err.flush()
 
     def output(self) -> str:
         return self.out.read_text() + self.err.read_text()
 
     def wait(self, timeout=TIMEOUT) -> int:
-        return self.proc.wait(timeout=timeout)
+        code = self.proc.wait(timeout=timeout)
+        if self.relay is not None:
+            self.relay.join(timeout=60)
+        return code
 
     def until(self, condition, what: str, timeout=TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -86,7 +104,7 @@ def space(tmp_path_factory):
         random.Random(0).choice("abcdefghij klmnop\n") for _ in range(20000))
     data_lib.prepare_shakespeare_char(text, root / "data")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, always
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu",
+    env.update(GPTJAX_CPU_DEVICES="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", PYTHONUNBUFFERED="1")
     children = []
