@@ -169,7 +169,9 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     log.info(f"{n_params / 1e6:.2f}M parameters (non-embedding); mesh {dict(run.mesh.shape)}; "
              f"{cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start}")
     last: dict[str, Any] = {"iter": start}
-    prefetch = data_lib.Prefetcher(lambda s: run.batch("train", s), start, depth=max(cfg.prefetch, 1))
+    # The host thread gathers each batch and copies it to the devices ahead of the step.
+    prefetch = data_lib.Prefetcher(lambda s: run.to_device(run.batch("train", s)), start,
+                                   depth=max(cfg.prefetch, 1))
     pending = None  # (iter, device metrics) of the step in flight
     hard_stop = False
     try:
@@ -185,7 +187,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
                         break
                 if it >= cfg.max_iters or stop.requested:
                     break
-                batch = run.to_device(prefetch.next())
+                batch = prefetch.next()
                 run.state, metrics = run.train_step(run.state, batch)
                 if pending is not None:  # read the previous step while this one runs
                     last.update(_log_step(run, log, *pending))
