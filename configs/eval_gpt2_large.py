@@ -1,14 +1,11 @@
 """Evaluate the released gpt2-large on OpenWebText (nanoGPT's config/eval_gpt2_large.py)."""
 
-from gptjax.config import TrainConfig
+import dataclasses
+from pathlib import Path
+
+from gptjax.config import TrainConfig, load_config_file
 
 
 def get_config() -> TrainConfig:
-    return TrainConfig(
-        batch_size=8,
-        eval_iters=500,  # use more iterations to get a good estimate
-        eval_only=True,
-        wandb_log=False,
-        init_from="gpt2-large",
-        gradient_accumulation_steps=1,
-    )
+    base = load_config_file(str(Path(__file__).with_name("eval_gpt2.py")))
+    return dataclasses.replace(base, init_from="gpt2-large")

@@ -144,11 +144,7 @@ def torch_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile:
     model = torch_ref.GPT(torch_ref.GPTConfig(
         block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
         n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     forward = torch.compile(model) if compile else model
     x = torch.from_numpy(tokens[..., :-1].astype(np.int64))
     y = torch.from_numpy(tokens[..., 1:].astype(np.int64))
