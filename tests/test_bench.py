@@ -34,7 +34,7 @@ def test_bench_rejects_bad_keys(capsys):
 
 @pytest.mark.parametrize("limit, batch, expected", [("2", 12, 2), ("8", 12, 6), ("4", 7, 1), ("1", 64, 1)])
 def test_cpu_split_divides_the_batch(monkeypatch, limit, batch, expected):
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "")  # setenv (not delenv of a missing key) restores it afterwards
     monkeypatch.setenv("GPTJAX_CPU_DEVICES", limit)
     assert perf.split_cpu_devices(batch) == expected
     flags = perf.os.environ.get("XLA_FLAGS", "")
