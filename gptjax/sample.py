@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -37,7 +38,14 @@ def load_model(init_from: str, out_dir: str, dtype: str):
         from gptjax import checkpoint, data
 
         params, cfg, run_config = checkpoint.load_inference(out_dir)
-        meta = data.load_meta(run_config["data_dir"]) if run_config.get("data_dir") else None
+        # as training resolved it: an empty data_dir means data/<dataset>
+        data_dir = run_config.get("data_dir") or os.path.join("data", run_config.get("dataset", ""))
+        meta = data.load_meta(data_dir)
+        if meta is None and cfg.vocab_size < 50257:
+            raise FileNotFoundError(
+                f"the model in {out_dir} has a {cfg.vocab_size}-token vocabulary but {data_dir}/meta.pkl "
+                "(its character vocabulary) is missing: run from the directory training ran in, or "
+                "prepare the dataset again there")
     else:
         from gptjax import convert
 

@@ -133,3 +133,33 @@ def test_file_prompt(char_run, char_params, tmp_path, capsys):
     assert sample.main(["--out_dir", str(out_dir), f"--start=FILE:{tmp_path / 'p.txt'}", "--num_samples=1",
                         "--max_new_tokens=3", "--temperature=0"]) == 0
     assert split_samples(capsys.readouterr().out)[0].startswith("ab\ncd")
+
+
+def test_resume_after_real_training_uses_the_char_vocabulary(tmp_path, monkeypatch, capsys):
+    """The README's main job end to end: train with the default data_dir (data/<dataset>), then
+    `python -m gptjax.sample --out_dir=...` must decode with the run's meta.pkl, not GPT-2 BPE."""
+    from pathlib import Path
+
+    from gptjax import data
+    from gptjax.config import parse_args
+    from gptjax.train import train
+
+    monkeypatch.chdir(tmp_path)
+    corpus = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
+    text = corpus.read_text()[:20000] if corpus.is_file() else "to be or not to be, that is the question\n" * 500
+    data.prepare_shakespeare_char(text, tmp_path / "data" / "shakespeare_char")
+    cfg = parse_args(["shakespeare_char_cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
+                      "--batch_size=4", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
+                      "--always_save_checkpoint=True", "--out_dir=out"])
+    train(cfg)
+    capsys.readouterr()
+    assert sample.main(["--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("ROMEO:")
+    meta = data.load_meta(tmp_path / "data" / "shakespeare_char")
+    generated = printed.split("\n---------------")[0][len("ROMEO:"):]
+    assert len(generated) == 20 and set(generated) <= set(meta["stoi"])
+
+    (tmp_path / "data" / "shakespeare_char" / "meta.pkl").unlink()
+    assert sample.main(["--out_dir=out", "--num_samples=1", "--max_new_tokens=5"]) == 2
+    assert "meta.pkl" in capsys.readouterr().err
