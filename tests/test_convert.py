@@ -20,6 +20,7 @@ from gptjax.model import GPT, GPTConfig, init_params
 
 torch = pytest.importorskip("torch")
 from gptjax import torch_ref  # noqa: E402  (needs torch)
+from test_model import random_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -29,19 +30,6 @@ SMALL = dict(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
 def rel_diff(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def random_params(cfg: GPTConfig, seed: int = 0, std: float = 0.2) -> dict:
-    """Every leaf random (LayerNorm scales around 1, biases nonzero) so a swapped or dropped
-    tensor shows; numpy-drawn on init_params' shapes, which skips compiling JAX's RNG."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
-
-    def draw(path, leaf):
-        base = 1.0 if path[-1].key == "scale" else 0.0
-        return jnp.asarray(base + std * rng.standard_normal(leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def jax_logits(params, cfg, idx):
