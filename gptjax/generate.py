@@ -227,6 +227,16 @@ def _per_layer(params, cfg: GPTConfig):
     return params, cfg
 
 
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
+    """Validate the sampling settings; `prefix` ('--' for the CLI) names them as the caller spells them."""
+    if temperature < 0:
+        raise ValueError(f"{prefix}temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"{prefix}top_k={top_k} must be >= 1 (or no top-k filter)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"{prefix}top_p={top_p} must be in (0, 1]")
+
+
 def _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit, prompt_lengths,
            stop_token=None):
     """Validated (prompt_BxT int32 cropped to block_size, len_B, Sampling)."""
@@ -246,12 +256,7 @@ def _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_
     vocab_limit = default_vocab_limit(cfg) if vocab_limit is None else int(vocab_limit)
     if not 1 <= vocab_limit <= cfg.vocab_size:
         raise ValueError(f"vocab_limit={vocab_limit} must be in [1, vocab_size={cfg.vocab_size}]")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k filter)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    check_sampling(temperature, top_k, top_p)
     if stop_token is not None and not 0 <= stop_token < cfg.vocab_size:
         raise ValueError(f"stop_token={stop_token} must be a token id in [0, {cfg.vocab_size})")
     sampling = Sampling(  # every field set, so all settings share one compiled loop

@@ -22,7 +22,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from gptjax.generate import generate_stream
+from gptjax.generate import check_sampling, generate_stream
 
 SEPARATOR = "---------------"
 DEFAULT_TOP_K = 200  # nanoGPT's; capped at the vocabulary when not given explicitly
@@ -100,15 +100,6 @@ def read_start(start: str) -> str:
     return start
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"--temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"--top_k={top_k} must be >= 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top_p={top_p} must be in (0, 1]")
-
-
 def write_samples(params, cfg, tok: Tokenizer, start_ids: list[int], args, out=None) -> None:
     """Stream args.num_samples samples to `out` (stdout), each the prompt and its continuation."""
     out = sys.stdout if out is None else out
@@ -157,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.num_samples < 1 or args.max_new_tokens < 1:
             raise ValueError("--num_samples and --max_new_tokens must be at least 1")
-        check_sampling(args.temperature, args.top_k, args.top_p)
+        check_sampling(args.temperature, args.top_k, args.top_p, prefix="--")
         start = read_start(args.start)
         params, cfg, meta = load_model(args.init_from, args.out_dir, args.dtype)
         tok = Tokenizer(meta)
