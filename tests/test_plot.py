@@ -4,10 +4,10 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
+from conftest import session_compile_cache
 from gptjax import plot
 from gptjax.config import TrainConfig
 from gptjax.data import prepare_shakespeare_char
@@ -24,28 +24,16 @@ def short_run(tmp_path_factory):
     compilation cache lets test_train reuse these compiled steps (and the other way round)."""
     if not CORPUS.is_file():
         pytest.skip(f"tiny-shakespeare corpus not found at {CORPUS}")
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
     data = tmp_path_factory.mktemp("shakespeare_char")
     prepare_shakespeare_char(CORPUS.read_text(encoding="utf-8")[:50_000], data)
     out = tmp_path_factory.mktemp("run")
-    try:
+    with session_compile_cache(tmp_path_factory):
         train(TrainConfig(
             out_dir=str(out), dataset="shakespeare_char", data_dir=str(data), vocab_size=65, n_layer=2,
             n_head=2, n_embd=32, block_size=16, batch_size=4, gradient_accumulation_steps=2,
             activation="gelu_tanh", max_iters=12, eval_interval=4, eval_iters=2, learning_rate=1e-2,
             min_lr=1e-3, warmup_iters=2, lr_decay_iters=40,
         ))
-    finally:
-        for name, value in saved.items():
-            jax.config.update(name, value)
-        cc.reset_cache()
     return out
 
 

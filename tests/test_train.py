@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import session_compile_cache
 from gptjax.checkpoint import load_inference
 from gptjax.config import TrainConfig
 from gptjax.data import BinDataset, get_batch, prepare_shakespeare_char
@@ -34,20 +35,9 @@ EVAL_KEYS = {"iter", "train_loss", "val_loss"}
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """train() jits fresh step functions on every call: a persistent cache (for this pytest
-    session only) lets runs of the same model reuse the executables instead of recompiling."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    """Session-wide compilation cache: runs of the same model reuse compiled steps."""
+    with session_compile_cache(tmp_path_factory):
+        yield
 
 
 @pytest.fixture(scope="module")
