@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import sharding
+from gptjax.dense import dense_dot_general
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
@@ -99,6 +100,7 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
 def _dense(features: int, cfg: GPTConfig, std: float, name: str) -> nn.Dense:
     return nn.Dense(
         features,
+        dot_general=dense_dot_general,
         use_bias=cfg.bias,
         dtype=cfg.compute_dtype,
         param_dtype=jnp.float32,

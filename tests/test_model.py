@@ -118,6 +118,35 @@ def test_logits_match_nanogpt(bias, tmp_path):
     assert rel_diff(logits(params, cfg, idx), ref.numpy()) < F32_TOL
 
 
+def test_loss_and_gradients_match_nanogpt(tmp_path):
+    """The backward pass (with gptjax.dense's CPU weight-gradient layout) against torch autograd
+    through nanoGPT's model: the loss and every parameter's gradient, float32."""
+    torch = pytest.importorskip("torch")
+    from gptjax import torch_ref
+    from gptjax.convert import nanogpt_state_dict
+    from gptjax.step import loss_fn
+
+    tc = torch_ref.GPTConfig(block_size=16, vocab_size=72, n_layer=2, n_head=4, n_embd=32, bias=True)
+    model = randomize_(torch_ref.GPT(tc), seed=3, std=0.1)
+    torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(tc)}, tmp_path / "ckpt.pt")
+    params, cfg = load_nanogpt(tmp_path / "ckpt.pt")
+    x, y = tokens(3, 16, 72, seed=4), tokens(3, 16, 72, seed=5)
+    _, ref_loss = model(torch.as_tensor(x), torch.as_tensor(y))
+    ref_loss.backward()
+    with jax.default_matmul_precision("highest"):
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(
+            params, GPT(cfg), jnp.asarray(x), jnp.asarray(y))
+    assert abs(float(loss) - ref_loss.item()) < 1e-5 * ref_loss.item()
+    ours = nanogpt_state_dict(grads, cfg)
+    checked = 0
+    for name, p in model.named_parameters():
+        ref = p.grad.numpy()
+        assert np.abs(ref).max() > 0, name
+        assert rel_diff(ours[name].numpy(), ref) < F32_TOL, name
+        checked += 1
+    assert checked == len(jax.tree_util.tree_leaves(params))
+
+
 def test_causal():
     cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
     params = random_params(cfg)

@@ -1,0 +1,63 @@
+"""The Dense layers' matrix product, with a weight gradient laid out for XLA's CPU matmul kernels.
+
+A Dense layer's weight gradient is x^T dy, a product over the tokens: (M, C)^T (M, D) -> (C, D)
+with M = B*T. XLA writes it as a dot contracting the major dimension of both operands, and its
+CPU backend hands such a dot to a generic Eigen kernel instead of YNNPACK, which takes only dots
+whose left operand contracts its minor dimension. Measured on this repository's 2-core CPU host
+(docs/benchmarks.md) the Eigen kernel runs the CPU recipe's weight gradients at 42-61 GFLOP/s
+against 70-80 for YNNPACK, and they were 11.8 of the 40 ms a device spends on a step.
+
+So on CPU the backward pass here transposes one operand into a real (minor-contracting) copy
+first. XLA folds a plain transpose straight back into the dot's dimension numbers, hence the
+optimization barriers. The narrower operand is the one copied: transposing the 4C-wide MLP
+activation costs ~1.4 ms per layer (XLA fuses it with the GELU and walks it with a 2 KB stride),
+transposing the C-wide gradient ~0.08 ms. Elsewhere (GPU, TPU) the plain product is used: their
+matmul libraries take either operand transposed as it is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """A drop-in `dot_general` for `nn.Dense`: x (..., C) times kernel (C, D), taking its weight
+    gradient through `matmul_cpu_grads` on CPU."""
+    dense_dims = (((lhs.ndim - 1,), (0,)), ((), ()))
+    if (jax.default_backend() == "cpu" and rhs.ndim == 2 and dimension_numbers == dense_dims
+            and precision is None and preferred_element_type is None):
+        return matmul_cpu_grads(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def _matmul(x_NxC, w_CxD):
+    return jax.lax.dot_general(x_NxC, w_CxD, (((x_NxC.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def matmul_cpu_grads(x_NxC, w_CxD):
+    """x @ w over x's last axis (any leading shape N); its gradients are those of x @ w, with the
+    weight gradient computed in the layout XLA's fast CPU kernels take (module docstring)."""
+    return _matmul(x_NxC, w_CxD)
+
+
+def _forward(x_NxC, w_CxD):
+    return _matmul(x_NxC, w_CxD), (x_NxC, w_CxD)
+
+
+def _backward(residuals, dy_NxD):
+    x_NxC, w_CxD = residuals
+    dx_NxC = jax.lax.dot_general(dy_NxD, w_CxD, (((dy_NxD.ndim - 1,), (1,)), ((), ())))
+    C, D = w_CxD.shape
+    x_MxC, dy_MxD = x_NxC.reshape(-1, C), dy_NxD.reshape(-1, D)
+    barrier = jax.lax.optimization_barrier
+    if C <= D:
+        dw_CxD = jnp.matmul(barrier(x_MxC.T), dy_MxD)
+    else:
+        dw_CxD = barrier(jnp.matmul(barrier(dy_MxD.T), x_MxC)).T
+    return dx_NxC, dw_CxD
+
+
+matmul_cpu_grads.defvjp(_forward, _backward)
