@@ -147,6 +147,21 @@ def test_loss_and_gradients_match_nanogpt(tmp_path):
     assert checked == len(jax.tree_util.tree_leaves(params))
 
 
+@pytest.mark.parametrize("approximate", [False, True])
+def test_gelu_matches_torch_with_its_gradient(approximate):
+    torch = pytest.importorskip("torch")
+    from gptjax.model import gelu
+
+    x = np.linspace(-9.0, 9.0, 4001, dtype=np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    ref = torch.nn.functional.gelu(xt, approximate="tanh" if approximate else "none")
+    ref.backward(torch.ones_like(ref))
+    ours, grad = jax.jit(jax.value_and_grad(lambda x: gelu(x, approximate).sum()))(jnp.asarray(x))
+    ours_each = np.asarray(jax.jit(lambda x: gelu(x, approximate))(jnp.asarray(x)))
+    np.testing.assert_allclose(ours_each, ref.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), rtol=1e-5, atol=1e-5)  # d/dx is O(1)
+
+
 def test_causal():
     cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
     params = random_params(cfg)
