@@ -80,3 +80,36 @@ def test_dense_takes_the_custom_gradient_only_on_cpu(monkeypatch):
     assert uses_custom_vjp()
     monkeypatch.setattr(dense.jax, "default_backend", lambda: "gpu")
     assert not uses_custom_vjp()
+
+
+def test_tall_products_in_row_blocks_match_the_plain_product(monkeypatch):
+    """The forward row blocks (taken from 4096 rows on, lowered here to 64) give the same values
+    and gradients, and are really taken: the product runs in a scan over the blocks."""
+    monkeypatch.setattr(dense, "CHUNK_MIN_ROWS", 64)
+    monkeypatch.setattr(dense, "CHUNK_ROWS", 16)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((4, 32, 24)), jnp.float32)  # 128 rows: 8 blocks
+    w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((4, 32, 40)), jnp.float32)
+    assert "scan" in str(jax.make_jaxpr(dense.matmul_cpu_grads)(x, w))
+    np.testing.assert_allclose(jax.jit(dense.matmul_cpu_grads)(x, w), _plain(x, w), rtol=1e-5, atol=1e-5)
+    value, (dx, dw) = _value_and_grads(dense.matmul_cpu_grads, x, w, r)
+    ref_value, (ref_dx, ref_dw) = _value_and_grads(_plain, x, w, r)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(dense, "CHUNK_MIN_ROWS", 4096)
+    x_fewer_rows = x[:3]  # a new shape, so traced afresh (JAX caches the trace per shape)
+    assert "scan" not in str(jax.make_jaxpr(dense.matmul_cpu_grads)(x_fewer_rows, w))
+
+
+def test_row_blocks_only_on_one_devices_arrays():
+    """Under a partitioned mesh the arrays are global and split: no row blocks there; inside
+    shard_map (Manual axes) each device holds its own rows."""
+    auto, manual = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Manual
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",), axis_types=(auto,))):
+        assert not dense._local_to_one_device()
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",), axis_types=(manual,))):
+        assert dense._local_to_one_device()
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), axis_types=(auto,))):
+        assert dense._local_to_one_device()
