@@ -13,10 +13,10 @@ optimization barriers. The narrower operand is the one copied: transposing the 4
 activation costs ~1.4 ms per layer (XLA fuses it with the GELU and walks it with a 2 KB stride),
 transposing the C-wide gradient ~0.08 ms.
 
-The forward product of a tall x with a short contraction (M >= 4096 rows, C <= 512: c_attn, c_fc
-and attn.c_proj at the shakespeare_char size, 8192 rows per device) runs at ~50-55 GFLOP/s as one
-YNNPACK call and at ~62-76 in blocks of 256 rows, so on one device's arrays it is computed block
-by block (4% of the whole shakespeare_char step).
+A tall product with a short contraction (M >= 4096 rows, K <= 512: at the shakespeare_char size,
+8192 rows per device, the forward c_attn, c_fc and attn.c_proj and the input gradients of both
+c_proj) runs at ~50-55 GFLOP/s as one YNNPACK call and at ~62-76 in blocks of 256 rows, so on one
+device's arrays it is computed block by block (7% of the whole shakespeare_char step).
 
 Elsewhere (GPU, TPU) the plain product is used: their matmul libraries take either operand
 transposed as it is, and tile tall products themselves.
@@ -39,8 +39,10 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
                                preferred_element_type=preferred_element_type)
 
 
-def _matmul(x_NxC, w_CxD):
-    return jax.lax.dot_general(x_NxC, w_CxD, (((x_NxC.ndim - 1,), (0,)), ((), ())))
+def _matmul(x_NxK, w, w_contracting: int = 0):
+    """x (..., K) times w over x's last axis and w's axis `w_contracting` (0: w is (K, D),
+    1: w is (D, K), i.e. x @ w.T)."""
+    return jax.lax.dot_general(x_NxK, w, (((x_NxK.ndim - 1,), (w_contracting,)), ((), ())))
 
 
 # Row blocks for tall products with a short contraction (module docstring).
@@ -59,16 +61,17 @@ def _local_to_one_device() -> bool:
     return mesh.size == 1 or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
 
 
-def _cpu_matmul(x_NxC, w_CxD):
-    C, D = w_CxD.shape
-    x_MxC = x_NxC.reshape(-1, C)
-    M = x_MxC.shape[0]
-    if (M < CHUNK_MIN_ROWS or M % CHUNK_ROWS or C > CHUNK_MAX_CONTRACTION
+def _cpu_matmul(x_NxK, w, w_contracting: int = 0):
+    """_matmul, in row blocks when x is tall and the contraction short (module docstring)."""
+    K = x_NxK.shape[-1]
+    x_MxK = x_NxK.reshape(-1, K)
+    M = x_MxK.shape[0]
+    if (M < CHUNK_MIN_ROWS or M % CHUNK_ROWS or K > CHUNK_MAX_CONTRACTION
             or not _local_to_one_device()):
-        return _matmul(x_NxC, w_CxD)
-    blocks_GxRxC = x_MxC.reshape(M // CHUNK_ROWS, CHUNK_ROWS, C)
-    y_GxRxD = jax.lax.map(lambda x_RxC: _matmul(x_RxC, w_CxD), blocks_GxRxC)
-    return y_GxRxD.reshape(x_NxC.shape[:-1] + (D,))
+        return _matmul(x_NxK, w, w_contracting)
+    blocks_GxRxK = x_MxK.reshape(M // CHUNK_ROWS, CHUNK_ROWS, K)
+    y_GxRxD = jax.lax.map(lambda x_RxK: _matmul(x_RxK, w, w_contracting), blocks_GxRxK)
+    return y_GxRxD.reshape(x_NxK.shape[:-1] + (w.shape[1 - w_contracting],))
 
 
 @jax.custom_vjp
@@ -85,7 +88,7 @@ def _forward(x_NxC, w_CxD):
 
 def _backward(residuals, dy_NxD):
     x_NxC, w_CxD = residuals
-    dx_NxC = jax.lax.dot_general(dy_NxD, w_CxD, (((dy_NxD.ndim - 1,), (1,)), ((), ())))
+    dx_NxC = _cpu_matmul(dy_NxD, w_CxD, w_contracting=1)
     C, D = w_CxD.shape
     x_MxC, dy_MxD = x_NxC.reshape(-1, C), dy_NxD.reshape(-1, D)
     barrier = jax.lax.optimization_barrier

@@ -83,8 +83,8 @@ def test_dense_takes_the_custom_gradient_only_on_cpu(monkeypatch):
 
 
 def test_tall_products_in_row_blocks_match_the_plain_product(monkeypatch):
-    """The forward row blocks (taken from 4096 rows on, lowered here to 64) give the same values
-    and gradients, and are really taken: the product runs in a scan over the blocks."""
+    """Row blocks (taken from 4096 rows on, lowered here to 64) give the same values and
+    gradients, and are really taken: the products run in scans over the blocks."""
     monkeypatch.setattr(dense, "CHUNK_MIN_ROWS", 64)
     monkeypatch.setattr(dense, "CHUNK_ROWS", 16)
     rng = np.random.default_rng(2)
@@ -92,6 +92,9 @@ def test_tall_products_in_row_blocks_match_the_plain_product(monkeypatch):
     w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
     r = jnp.asarray(rng.standard_normal((4, 32, 40)), jnp.float32)
     assert "scan" in str(jax.make_jaxpr(dense.matmul_cpu_grads)(x, w))
+    # forward product and input gradient (contraction 40 <= 512) both in blocks
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(dense.matmul_cpu_grads(x, w) * r)))(x, w))
+    assert grad_jaxpr.count("scan[") == 2
     np.testing.assert_allclose(jax.jit(dense.matmul_cpu_grads)(x, w), _plain(x, w), rtol=1e-5, atol=1e-5)
     value, (dx, dw) = _value_and_grads(dense.matmul_cpu_grads, x, w, r)
     ref_value, (ref_dx, ref_dw) = _value_and_grads(_plain, x, w, r)
