@@ -27,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gptjax import sharding
+
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """A drop-in `dot_general` for `nn.Dense`: x (..., C) times kernel (C, D), through
@@ -51,23 +53,15 @@ CHUNK_MIN_ROWS = 4096
 CHUNK_MAX_CONTRACTION = 512
 
 
-def _local_to_one_device() -> bool:
-    """Whether the arrays being traced are one device's: no mesh over several devices, or inside
-    shard_map. A global array split over devices by the partitioner must not be cut into row
-    blocks: a loop over blocks of a split axis would gather it onto every device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return jax.device_count() == 1
-    return mesh.size == 1 or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
-
-
 def _cpu_matmul(x_NxK, w, w_contracting: int = 0):
-    """_matmul, in row blocks when x is tall and the contraction short (module docstring)."""
+    """_matmul, in row blocks when x is tall and the contraction short (module docstring). Only on
+    one device's arrays: a loop over blocks of a partitioned axis would gather it onto every
+    device."""
     K = x_NxK.shape[-1]
     x_MxK = x_NxK.reshape(-1, K)
     M = x_MxK.shape[0]
     if (M < CHUNK_MIN_ROWS or M % CHUNK_ROWS or K > CHUNK_MAX_CONTRACTION
-            or not _local_to_one_device()):
+            or not sharding.traced_per_device()):
         return _matmul(x_NxK, w, w_contracting)
     blocks_GxRxK = x_MxK.reshape(M // CHUNK_ROWS, CHUNK_ROWS, K)
     y_GxRxD = jax.lax.map(lambda x_RxK: _matmul(x_RxK, w, w_contracting), blocks_GxRxK)

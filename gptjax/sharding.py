@@ -135,6 +135,17 @@ def is_train_mesh(mesh) -> bool:
     return not mesh.empty and set(DATA_AXES) <= set(mesh.axis_names)
 
 
+def traced_per_device() -> bool:
+    """Whether the arrays being traced are one device's: no mesh over several devices, or every
+    mesh axis manual (inside shard_map over the whole mesh). Elsewhere they are global arrays the
+    partitioner may split. (constrain_batch asks less: any manual axis already rules out its
+    constraint.)"""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jax.device_count() == 1
+    return mesh.size == 1 or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
+
+
 def under_mesh(fn, mesh: Mesh):
     """`fn` traced with `mesh` in context, so that `constrain_batch` inside it applies."""
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import dense
+from gptjax import dense, sharding
 
 DENSE_DIMS = lambda x: (((x.ndim - 1,), (0,)), ((), ()))  # noqa: E731
 
@@ -111,8 +111,8 @@ def test_row_blocks_only_on_one_devices_arrays():
     shard_map (Manual axes) each device holds its own rows."""
     auto, manual = jax.sharding.AxisType.Auto, jax.sharding.AxisType.Manual
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",), axis_types=(auto,))):
-        assert not dense._local_to_one_device()
+        assert not sharding.traced_per_device()
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((2,), ("data",), axis_types=(manual,))):
-        assert dense._local_to_one_device()
+        assert sharding.traced_per_device()
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), axis_types=(auto,))):
-        assert dense._local_to_one_device()
+        assert sharding.traced_per_device()
