@@ -59,7 +59,7 @@ class TrainConfig:
     bias: bool = True
     vocab_size: int = 0  # 0: the dataset's meta.pkl vocab, else GPT-2's 50304
     activation: str = "gelu"
-    attention: str = "auto"
+    attention: str = "auto"  # auto (cuDNN/XLA; blocked causal on CPU), xla, cudnn, plain, blocked
     remat: str = "none"  # 'full' or 'dots': recompute activations in the backward pass to save memory
     scan_layers: bool = False  # scan one block over the layers: fast compiles for deep models
     # optimizer: AdamW

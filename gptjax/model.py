@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import sharding
+from gptjax.attention import blocked_causal_attention, cpu_query_blocks, masked_attention
 from gptjax.dense import dense_dot_general
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain", "blocked")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -44,7 +45,9 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     activation: str = "gelu"  # "gelu": exact erf (nanoGPT); "gelu_tanh": HF GPT-2's gelu_new
     layer_norm_eps: float = 1e-5
-    attention: str = "auto"  # "auto": jax.nn.dot_product_attention (cuDNN flash on GPU when it can)
+    # "auto": jax.nn.dot_product_attention (cuDNN flash on GPU when it can); on CPU "blocked"
+    # (causal attention in query blocks, gptjax.attention). "plain": the softmax written out.
+    attention: str = "auto"
     remat: str = "none"  # rematerialise each block in the backward pass: "full" or "dots" (keep matmuls)
     scan_layers: bool = False  # one scanned block (params under 'h' with a leading layer axis): fast compile
 
@@ -134,18 +137,6 @@ def gelu(x, approximate: bool):
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def _plain_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_TxS, dropout, deterministic):
-    """Softmax attention written out, for attention dropout and the KV-cache path."""
-    scale = 1.0 / math.sqrt(q_BxTxNxH.shape[-1])
-    logits_BxNxTxS = jnp.einsum(
-        "btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH, preferred_element_type=jnp.float32
-    )
-    logits_BxNxTxS = jnp.where(mask_TxS, logits_BxNxTxS * scale, -jnp.inf)
-    probs_BxNxTxS = jax.nn.softmax(logits_BxNxTxS, axis=-1)
-    probs_BxNxTxS = dropout(probs_BxNxTxS, deterministic=deterministic)
-    return jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
-
-
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
@@ -172,13 +163,19 @@ class CausalSelfAttention(nn.Module):
             new_cache = {"k": k_BxSxNxH, "v": v_BxSxNxH}
             S = k_BxSxNxH.shape[1]
             mask_TxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
-            y_BxTxNxH = _plain_attention(
+            y_BxTxNxH = masked_attention(
                 q_BxTxNxH, k_BxSxNxH.astype(q_BxTxNxH.dtype), v_BxSxNxH.astype(q_BxTxNxH.dtype),
                 mask_TxS, attn_dropout, deterministic,
             )
+        elif cfg.attention == "blocked" or (cfg.attention == "auto" and jax.default_backend() == "cpu"):
+            # XLA's CPU backend has no fused attention: skip the masked score blocks instead
+            y_BxTxNxH = blocked_causal_attention(
+                q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cpu_query_blocks(T),
+                attn_dropout if use_attn_dropout else None, deterministic,
+            )
         elif cfg.attention == "plain" or use_attn_dropout:
             mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-            y_BxTxNxH = _plain_attention(
+            y_BxTxNxH = masked_attention(
                 q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_TxT, attn_dropout, deterministic
             )
         else:

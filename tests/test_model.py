@@ -118,19 +118,21 @@ def test_logits_match_nanogpt(bias, tmp_path):
     assert rel_diff(logits(params, cfg, idx), ref.numpy()) < F32_TOL
 
 
-def test_loss_and_gradients_match_nanogpt(tmp_path):
-    """The backward pass (with gptjax.dense's CPU weight-gradient layout) against torch autograd
-    through nanoGPT's model: the loss and every parameter's gradient, float32."""
+@pytest.mark.parametrize("T", [16, 64])
+def test_loss_and_gradients_match_nanogpt(T, tmp_path):
+    """The backward pass (with gptjax.dense's CPU weight-gradient layout, and at T 64 the CPU's
+    causal attention in 2 query blocks) against torch autograd through nanoGPT's model: the loss
+    and every parameter's gradient, float32."""
     torch = pytest.importorskip("torch")
     from gptjax import torch_ref
     from gptjax.convert import nanogpt_state_dict
     from gptjax.step import loss_fn
 
-    tc = torch_ref.GPTConfig(block_size=16, vocab_size=72, n_layer=2, n_head=4, n_embd=32, bias=True)
+    tc = torch_ref.GPTConfig(block_size=T, vocab_size=72, n_layer=2, n_head=4, n_embd=32, bias=True)
     model = randomize_(torch_ref.GPT(tc), seed=3, std=0.1)
     torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(tc)}, tmp_path / "ckpt.pt")
     params, cfg = load_nanogpt(tmp_path / "ckpt.pt")
-    x, y = tokens(3, 16, 72, seed=4), tokens(3, 16, 72, seed=5)
+    x, y = tokens(3, T, 72, seed=4), tokens(3, T, 72, seed=5)
     _, ref_loss = model(torch.as_tensor(x), torch.as_tensor(y))
     ref_loss.backward()
     with jax.default_matmul_precision("highest"):
@@ -263,8 +265,9 @@ def test_crop_block_size_keeps_first_positions():
     idx = tokens(2, 16, 64)
     cropped, small = crop_block_size(params, cfg, 8)
     assert small.block_size == 8 and cropped["wpe"]["embedding"].shape == (8, 32)
+    # float32 reassociation only: the products run over 8 instead of 16 keys
     np.testing.assert_allclose(logits(cropped, small, idx[:, :8]), logits(params, cfg, idx)[:, :8],
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         crop_block_size(params, cfg, 32)
     with pytest.raises(ValueError, match="block_size"):

@@ -1,0 +1,76 @@
+"""Attention written out in JAX: softmax attention under a mask, and causal attention in query
+blocks that never computes the masked blocks.
+
+XLA's CPU backend has no fused attention, so on CPU the (B, N, T, T) scores and the elementwise
+softmax work on them are a large share of a step. Causal attention in query blocks computes
+n(n+1)/2 of the n^2 score blocks. Measured on this repository's 2-core CPU host (A/B in one
+process, docs/benchmarks.md): the shakespeare_char step (T 256) 9.8 -> 8.9 s with 4 blocks, GPT-2
+124M (T 1024) 8.6 -> 6.5 s with 4 blocks; more, smaller blocks were slower again (8 and 16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Dropout = Callable[..., jax.Array]  # an nn.Dropout: (x, deterministic=...) -> x
+
+
+def _softmax_probs(logits, mask, scale, dropout: Dropout | None, deterministic: bool):
+    logits = jnp.where(mask, logits * scale, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout is not None:
+        probs = dropout(probs, deterministic=deterministic)
+    return probs
+
+
+def masked_attention(q_BxTxNxH, k_BxSxNxH, v_BxSxNxH, mask_TxS, dropout: Dropout | None = None,
+                     deterministic: bool = True):
+    """Softmax attention of T queries over S keys where mask_TxS is True; scores and softmax in
+    float32."""
+    scale = 1.0 / math.sqrt(q_BxTxNxH.shape[-1])
+    logits_BxNxTxS = jnp.einsum(
+        "btnh,bsnh->bnts", q_BxTxNxH, k_BxSxNxH, preferred_element_type=jnp.float32
+    )
+    probs_BxNxTxS = _softmax_probs(logits_BxNxTxS, mask_TxS, scale, dropout, deterministic)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS.astype(v_BxSxNxH.dtype), v_BxSxNxH)
+
+
+def cpu_query_blocks(seq_len: int) -> int:
+    """Query blocks for `blocked_causal_attention` on CPU: 4 (the fastest count measured at T 256
+    and 1024), fewer for short sequences so a block keeps at least 32 rows (1: no blocking)."""
+    return max(1, min(4, seq_len // 32))
+
+
+def blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int,
+                             dropout: Dropout | None = None, deterministic: bool = True):
+    """Causal softmax attention with the T queries split into `n_blocks` consecutive blocks:
+    block i attends to the keys up to its own last position only, so the score blocks above the
+    diagonal, which the causal mask would zero, are never computed. Each block sees its whole row
+    of visible keys, so the softmax is exactly that of `masked_attention` under a causal mask.
+
+    Heads go major once, (B, N, T, H): each block's products are then contiguous batched matmuls
+    and the key/value prefixes are slices rather than fresh transposes."""
+    B, T, N, H = q_BxTxNxH.shape
+    n_blocks = max(1, min(n_blocks, T))
+    bounds = [T * i // n_blocks for i in range(n_blocks + 1)]
+    scale = 1.0 / math.sqrt(H)
+    q_BxNxTxH, k_BxNxTxH, v_BxNxTxH = (
+        jnp.transpose(a, (0, 2, 1, 3)) for a in (q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
+    )
+    outputs = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        # R queries at positions start..stop-1 over the S = stop keys they may see
+        logits_BxNxRxS = jnp.einsum(
+            "bnrh,bnsh->bnrs", q_BxNxTxH[:, :, start:stop], k_BxNxTxH[:, :, :stop],
+            preferred_element_type=jnp.float32,
+        )
+        mask_RxS = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        probs_BxNxRxS = _softmax_probs(logits_BxNxRxS, mask_RxS, scale, dropout, deterministic)
+        outputs.append(jnp.einsum(
+            "bnrs,bnsh->bnrh", probs_BxNxRxS.astype(v_BxNxTxH.dtype), v_BxNxTxH[:, :, :stop]
+        ))
+    return jnp.transpose(jnp.concatenate(outputs, axis=2), (0, 2, 1, 3))

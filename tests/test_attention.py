@@ -1,0 +1,110 @@
+"""gptjax.attention: causal attention in query blocks against the plain masked softmax (values and
+gradients), the block counts it is used with, and its place in the model on CPU."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from gptjax.attention import blocked_causal_attention, cpu_query_blocks, masked_attention
+from gptjax.model import GPT, GPTConfig, init_params
+
+
+def qkv(B, T, N, H, seed=0, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(k, (B, T, N, H), dtype) for k in keys]
+
+
+def causal_reference(q, k, v):
+    T = q.shape[1]
+    with jax.default_matmul_precision("highest"):
+        return masked_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
+
+
+@pytest.mark.parametrize("T, n_blocks", [(16, 1), (16, 2), (16, 4), (10, 4), (12, 5), (7, 7)])
+def test_blocked_matches_masked_softmax_values_and_gradients(T, n_blocks):
+    """Equal and uneven blocks (T 10 in 4: 2, 3, 2, 3 rows), float32: rtol 1e-5."""
+    q, k, v = qkv(2, T, 3, 8, seed=T + n_blocks)
+    w = jax.random.normal(jax.random.PRNGKey(9), q.shape)  # a non-uniform cotangent
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v) * w).sum()
+
+    with jax.default_matmul_precision("highest"):
+        blocked = jax.jit(lambda q, k, v: blocked_causal_attention(q, k, v, n_blocks))
+        out = blocked(q, k, v)
+        grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+        ref_grads = jax.grad(loss(causal_reference), argnums=(0, 1, 2))(q, k, v)
+    ref = causal_reference(q, k, v)
+    assert np.abs(np.asarray(ref)).max() > 0.1
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert np.abs(np.asarray(r)).max() > 0.1
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_really_skip_the_masked_score_blocks():
+    """4 blocks of 4 queries: the score products cover 4+8+12+16 = 40 of 64 rows x keys."""
+    q, k, v = qkv(1, 16, 2, 5)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: blocked_causal_attention(q, k, v, 4))(q, k, v)
+    score_shapes = [eqn.outvars[0].aval.shape for eqn in jaxpr.eqns
+                    if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] != 5]
+    assert score_shapes == [(1, 2, 4, 4), (1, 2, 4, 8), (1, 2, 4, 12), (1, 2, 4, 16)]
+
+
+def test_bfloat16_keeps_float32_scores():
+    q, k, v = qkv(2, 16, 2, 8, dtype=jnp.bfloat16)
+    out = blocked_causal_attention(q, k, v, 2)
+    assert out.dtype == jnp.bfloat16
+    ref = causal_reference(*(a.astype(jnp.float32) for a in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
+
+
+def test_cpu_query_blocks():
+    assert [cpu_query_blocks(t) for t in (1, 16, 32, 64, 100, 128, 256, 1024)] == [1, 1, 1, 2, 3, 4, 4, 4]
+
+
+class _DropoutAttention(nn.Module):
+    n_blocks: int
+
+    @nn.compact
+    def __call__(self, q, k, v):
+        return blocked_causal_attention(q, k, v, self.n_blocks, nn.Dropout(0.5), deterministic=False)
+
+
+def test_dropout_in_blocks_is_keyed_and_keeps_the_expectation():
+    """Attention dropout inside the blocks: reproducible per key, new masks per key, every block
+    dropped independently, and an unbiased estimate of the attention without dropout."""
+    q, k, v = qkv(8, 16, 2, 4, seed=3)
+    module = _DropoutAttention(4)
+    run = jax.jit(lambda key: module.apply({}, q, k, v, rngs={"dropout": key}))
+    a, b, c = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    mean = np.mean([np.asarray(run(jax.random.PRNGKey(i))) for i in range(200)], axis=0)
+    ref = np.asarray(causal_reference(q, k, v))
+    assert np.abs(mean - ref).mean() < 0.1 * np.abs(ref).mean()
+
+
+def test_model_uses_blocks_on_cpu_and_matches_plain_attention():
+    """At T 64 the CPU model runs 2 query blocks; loss and gradients equal those of the plain
+    masked softmax (attention='plain') within float32 reassociation."""
+    from gptjax.step import loss_fn
+
+    assert jax.default_backend() == "cpu"
+    cfg = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.randint(jax.random.PRNGKey(1), (2, 64), 0, 50)
+    y = jnp.roll(x, -1, axis=1)
+    jaxpr = jax.make_jaxpr(lambda p: GPT(cfg).apply({"params": p}, x))(params)
+    assert str(jaxpr).count("concatenate") >= cfg.n_layer  # the blocks' outputs, per layer
+    grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)
+    with jax.default_matmul_precision("highest"):
+        loss, grads = grad(params, GPT(cfg), x, y)
+        ref_loss, ref_grads = grad(params, GPT(dataclasses.replace(cfg, attention="plain")), x, y)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
