@@ -4,7 +4,8 @@ nanoGPT's bench.py, extended: times the jitted train step after warm-up (ms/iter
 FLOP/s, MFU, compile time, peak memory) and, with --compare torch, the same model, config and
 batch in nanoGPT's PyTorch architecture (eager and torch.compile), in rounds that alternate with
 gptjax's in the same run, then sampling tokens/s with the KV cache vs full recomputation. Prints a
-table and the ratios.
+table and the ratios. `--vs "--key=value ..."` (repeatable) adds gptjax rows with those overrides
+to the same alternating rounds: an A/B of a setting in one process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import functools
 import json
 import multiprocessing
+import shlex
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -78,20 +80,22 @@ class Runner:
     flops_per_iter: float
     compile_s: float
     close: Callable[[], None] = lambda: None
+    label: str = ""  # the config overrides of a --vs variant
 
 
 def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int, rounds: int) -> list[Row]:
     """Time the runners in alternating rounds of n_steps and keep each one's median step time:
     on a shared machine the load drifts, and interleaving makes the ratios fair."""
-    times: dict[str, list[float]] = {r.impl: [] for r in runners}
+    times: list[list[float]] = [[] for _ in runners]
     for _ in range(rounds):
-        for r in runners:
-            times[r.impl].append(r.run(n_steps) / n_steps)
+        for r, r_times in zip(runners, times):
+            r_times.append(r.run(n_steps) / n_steps)
     rows = []
-    for r in runners:
-        dt = float(np.median(times[r.impl]))
+    for r, r_times in zip(runners, times):
+        dt = float(np.median(r_times))
         mem = _peak_mem_mb() if r.impl == "gptjax" else None
-        rows.append(Row(r.impl, name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(r.flops_per_iter, dt), r.compile_s, mem))
+        config = f"{name} {r.label}" if r.label else name
+        rows.append(Row(r.impl, config, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(r.flops_per_iter, dt), r.compile_s, mem))
     return rows
 
 
@@ -253,12 +257,18 @@ def format_table(rows: Sequence[Row]) -> str:
         mem = "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
         lines.append(f"{r.impl:<24} {r.config:<22} {r.ms_per_iter:>10.2f} {r.tokens_per_s:>12,.0f} "
                      f"{mfu:>7} {r.compile_s:>10.1f} {mem:>9}" + (f"  {r.note}" if r.note else ""))
-    by_impl = {r.impl: r for r in rows}
+    by_impl: dict[str, Row] = {}
+    for r in rows:
+        by_impl.setdefault(r.impl, r)  # the first gptjax row is the CONFIG as given, before --vs rows
     for other in ("torch", "torch-compile", "torch-sample-recompute", "gptjax-sample-recompute"):
         mine = "gptjax-sample-cache" if "sample" in other else "gptjax"
         if other in by_impl and mine in by_impl:
             ratio = by_impl[mine].tokens_per_s / by_impl[other].tokens_per_s
             lines.append(f"{mine} / {other}: {ratio:.2f}x tokens/s")
+    for r in rows:
+        if r.impl == "gptjax" and r is not by_impl["gptjax"]:
+            ratio = by_impl["gptjax"].tokens_per_s / r.tokens_per_s
+            lines.append(f"gptjax / gptjax {r.config[len(by_impl['gptjax'].config) + 1:]}: {ratio:.2f}x tokens/s")
     return "\n".join(lines)
 
 
@@ -272,6 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", type=int, default=0, metavar="N", help="also time sampling N new tokens")
     parser.add_argument("--real-data", action="store_true", help="batches from the dataset, not random tokens")
     parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
+    parser.add_argument("--vs", action="append", default=[], metavar="OVERRIDES",
+                        help='a gptjax variant timed in the same rounds, e.g. --vs="--attention=xla" (repeatable)')
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--name", help="config label in the table (default: the CONFIG name)")
     return parser
@@ -288,6 +300,9 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     tokens = _batch_tokens(cfg, vocab_size, args.real_data)
     runners = [gptjax_runner(cfg, tokens, vocab_size, args.profile)]
     try:
+        for overrides in args.vs:
+            runners.append(dataclasses.replace(
+                gptjax_runner(_variant(cfg, rest, overrides), tokens, vocab_size), label=overrides))
         if args.compare == "torch":
             runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False))
             if not args.no_torch_compile:
@@ -306,6 +321,17 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
             json.dump({"device": jax.devices()[0].device_kind, "peak_flops": peak,
                        "rows": [r.as_dict() for r in rows]}, f, indent=2)
     return rows
+
+
+def _variant(cfg: TrainConfig, argv: Sequence[str], overrides: str) -> TrainConfig:
+    """The config with a --vs variant's overrides; it must run the same batch on the same mesh."""
+    variant = config_lib.parse_args([*argv, *shlex.split(overrides)])
+    same = ("batch_size", "block_size", "gradient_accumulation_steps", "dp", "fsdp")
+    changed = [k for k in same if getattr(variant, k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--vs {overrides!r} changes {', '.join(changed)}: a variant is timed on the "
+                         f"same batch and mesh, so it may not change {', '.join(same)}")
+    return variant
 
 
 def main(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> int:

@@ -31,6 +31,24 @@ def test_bench_json_rows_against_torch(tmp_path, capsys):
     assert "gptjax / torch:" in printed and "tokens/s" in printed
 
 
+def test_bench_times_variants_in_the_same_rounds(capsys):
+    rows = bench.run(TINY + ["--steps=1", "--rounds=2", "--name=tiny", "--vs=--attention=plain",
+                             "--vs=--remat=full --dtype=bfloat16"])
+    assert [(r.impl, r.config) for r in rows] == [
+        ("gptjax", "tiny"), ("gptjax", "tiny --attention=plain"), ("gptjax", "tiny --remat=full --dtype=bfloat16")]
+    assert all(r.ms_per_iter > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "gptjax / gptjax --attention=plain:" in printed
+    assert "gptjax / gptjax --remat=full --dtype=bfloat16:" in printed
+
+
+def test_bench_variant_may_not_change_the_batch(capsys):
+    assert bench.main(TINY + ["--vs=--batch_size=8"]) == 2
+    assert "changes batch_size" in capsys.readouterr().err
+    assert bench.main(TINY + ["--vs=--no_such_key=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+
+
 def test_bench_rejects_bad_keys(capsys):
     assert bench.main(["--no_such_key=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
