@@ -4,8 +4,9 @@ blocks that never computes the masked blocks.
 XLA's CPU backend has no fused attention, so on CPU the (B, N, T, T) scores and the elementwise
 softmax work on them are a large share of a step. Causal attention in query blocks computes
 n(n+1)/2 of the n^2 score blocks. Measured on this repository's 2-core CPU host (A/B in one
-process, docs/benchmarks.md): the shakespeare_char step (T 256) 9.8 -> 8.9 s with 4 blocks, GPT-2
-124M (T 1024) 8.6 -> 6.5 s with 4 blocks; more, smaller blocks were slower again (8 and 16).
+process, docs/benchmarks.md): the shakespeare_char step (T 256) 10.1 -> 9.1 s with 4 blocks, GPT-2
+124M (T 1024) 8.5 -> 7.3 s; 8 and 16 blocks were slower than 4 again, and at the CPU recipe's
+T 64 (2 blocks) the step is unchanged.
 """
 
 from __future__ import annotations
