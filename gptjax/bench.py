@@ -250,12 +250,13 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    header = f"{'impl':<24} {'config':<22} {'ms/iter':>10} {'tokens/s':>12} {'MFU':>7} {'compile s':>10} {'peak MB':>9}"
+    width = max([22] + [len(r.config) for r in rows])  # --vs variants carry their overrides
+    header = f"{'impl':<24} {'config':<{width}} {'ms/iter':>10} {'tokens/s':>12} {'MFU':>7} {'compile s':>10} {'peak MB':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = "" if np.isnan(r.mfu) else f"{r.mfu * 100:.1f}%"
         mem = "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
-        lines.append(f"{r.impl:<24} {r.config:<22} {r.ms_per_iter:>10.2f} {r.tokens_per_s:>12,.0f} "
+        lines.append(f"{r.impl:<24} {r.config:<{width}} {r.ms_per_iter:>10.2f} {r.tokens_per_s:>12,.0f} "
                      f"{mfu:>7} {r.compile_s:>10.1f} {mem:>9}" + (f"  {r.note}" if r.note else ""))
     by_impl: dict[str, Row] = {}
     for r in rows:
