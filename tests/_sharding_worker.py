@@ -170,14 +170,17 @@ def _eval_and_sample(run, model, params, first, n_steps: int) -> dict:
     return {"eval": run.estimate_loss(n_steps), "greedy": tokens, "logits_max_abs_diff": float(logits_diff.max())}
 
 
-def cmd_steps(args) -> None:
+def cmd_steps(args, overrides: list[str]) -> None:
+    from gptjax import config as config_lib
+
     results = {}
     extras = set(args.extras.split(","))
     for name in args.runs.split(","):
         dp, fsdp, accum = (int(n) for n in name.split("x"))
         out = Path(args.out) / name
         out.mkdir(parents=True)
-        cfg = tiny_config(args.data, str(out), dp=dp, fsdp=fsdp, gradient_accumulation_steps=accum)
+        cfg = tiny_config(args.data, str(out), dp=dp, fsdp=fsdp, gradient_accumulation_steps=accum,
+                          **dict(config_lib.parse_override(o) for o in overrides))
         results[name] = run_steps(cfg, args.steps, out, extras=name in extras)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
 
@@ -210,7 +213,7 @@ def main(argv=None) -> None:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     if args.command == "steps":
-        cmd_steps(args)
+        cmd_steps(args, overrides)
     else:
         cmd_train(args, overrides)
 

@@ -160,12 +160,13 @@ def test_host_shares_concatenate_to_the_single_process_batch(data_dir, monkeypat
     assert whole[None][0].shape == (2, 8, 16) and not np.array_equal(whole[0][0], whole[1][0])
 
 
-def _run_worker(tmp_path, data_dir, devices_runs: dict[int, tuple[str, str]]) -> dict[int, dict]:
-    """Runs {devices: (runs, extras)} in parallel worker processes; their results.json by device count."""
+def _run_worker(tmp_path, data_dir, devices_runs: dict[int, tuple[str, str]], overrides=()) -> dict[int, dict]:
+    """Runs {devices: (runs, extras)} in parallel worker processes, with config `overrides`
+    (--key=value); their results.json by device count."""
     procs = []
     for devices, (runs, extras) in devices_runs.items():
         argv = [str(Path(worker.__file__)), "steps", "--devices", str(devices), "--data", str(data_dir),
-                "--out", str(tmp_path / f"d{devices}"), "--runs", runs, "--extras", extras]
+                "--out", str(tmp_path / f"d{devices}"), "--runs", runs, "--extras", extras, *overrides]
         log = tmp_path / f"d{devices}.log"
         procs.append((worker.launch(argv, log), log))
     worker.wait_all(procs, TIMEOUT_S)
@@ -177,14 +178,15 @@ def _load(path: Path) -> dict:
         return dict(f)
 
 
-def _check_against_one_device(out: Path, name: str, got: dict, ref_out: Path, ref_name: str, ref: dict):
+def _check_against_one_device(out: Path, name: str, got: dict, ref_out: Path, ref_name: str, ref: dict,
+                              block_size: int = 16):
     dp, fsdp, accum = (int(n) for n in name.split("x"))
     assert got["mesh"] == {"data": dp, "fsdp": fsdp}
     assert max(ref["losses"]) - min(ref["losses"]) > 0.1  # the steps really train
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=LOSS_RTOL)
 
     lay = got["layouts"]
-    assert lay["batch_x"] == {"spec": [None, ["data", "fsdp"], None], "shard_shapes": [[accum, 2, 16]],
+    assert lay["batch_x"] == {"spec": [None, ["data", "fsdp"], None], "shard_shapes": [[accum, 2, block_size]],
                               "n_devices": 8}
     sharded = fsdp > 1
     expect = {"c_fc_kernel": (64, 256, 1), "c_attn_kernel": (64, 192, 1), "wte": (65, 64, 1)}
@@ -232,6 +234,16 @@ def test_sharded_training_with_accumulation_matches_one_device(data_dir, tmp_pat
     n_values = 1 + sum(int(np.prod(v.shape)) for v in _load(tmp_path / "d8" / "2x4x2" / "params.npz").values())
     assert results[8]["8x1x2"]["all_reduce_shapes"] == [f"f32[{n_values}]{{0}}"]
     assert results[1]["1x1x2"]["all_reduce_shapes"] == []
+
+
+def test_query_block_attention_on_a_partitioned_mesh_matches_one_device(data_dir, tmp_path):
+    """At block_size 64 the CPU attention runs in 2 query blocks (gptjax.attention): on global
+    arrays split over a 2x4 mesh, where the partitioner sees the blocks' slices and concatenation,
+    it gives one device's losses, gradients, parameters, evaluation and samples."""
+    results = _run_worker(tmp_path, data_dir, {1: ("1x1x1", "1x1x1"), 8: ("2x4x1", "2x4x1")},
+                          overrides=["--block_size=64"])
+    _check_against_one_device(tmp_path / "d8", "2x4x1", results[8]["2x4x1"],
+                              tmp_path / "d1", "1x1x1", results[1]["1x1x1"], block_size=64)
 
 
 @pytest.mark.slow
