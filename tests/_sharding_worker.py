@@ -170,9 +170,14 @@ def _eval_and_sample(run, model, params, first, n_steps: int) -> dict:
     return {"eval": run.estimate_loss(n_steps), "greedy": tokens, "logits_max_abs_diff": float(logits_diff.max())}
 
 
-def cmd_steps(args, overrides: list[str]) -> None:
+def _parse_overrides(overrides: list[str]) -> dict:
+    """--key=value command-line overrides -> TrainConfig fields, type-checked as the CLIs do."""
     from gptjax import config as config_lib
 
+    return dict(config_lib.parse_override(o) for o in overrides)
+
+
+def cmd_steps(args, overrides: list[str]) -> None:
     results = {}
     extras = set(args.extras.split(","))
     for name in args.runs.split(","):
@@ -180,22 +185,17 @@ def cmd_steps(args, overrides: list[str]) -> None:
         out = Path(args.out) / name
         out.mkdir(parents=True)
         cfg = tiny_config(args.data, str(out), dp=dp, fsdp=fsdp, gradient_accumulation_steps=accum,
-                          **dict(config_lib.parse_override(o) for o in overrides))
+                          **_parse_overrides(overrides))
         results[name] = run_steps(cfg, args.steps, out, extras=name in extras)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
 
 
 def cmd_train(args, overrides: list[str]) -> None:
-    import dataclasses
-
     import jax
 
-    from gptjax import config as config_lib
     from gptjax.train import train
 
-    cfg = tiny_config(args.data, args.out)
-    cfg = dataclasses.replace(cfg, **dict(config_lib.parse_override(o) for o in overrides))
-    last = train(cfg)
+    last = train(tiny_config(args.data, args.out, **_parse_overrides(overrides)))
     (Path(args.out) / f"result.{jax.process_index()}.json").write_text(json.dumps(last))
 
 
