@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class Checkpointer:
             safe = (f"the newest complete checkpoint, step {kept[-1]}, is intact" if kept
                     else "there is no earlier complete checkpoint")
             raise OSError(
-                f"could not save the checkpoint of step {step} in {self.directory} ({_first_line(err)}); "
+                f"could not save the checkpoint of step {step} in {self.directory} ({_storage_error(err)}); "
                 f"{safe}. Free disk space or fix permissions, then resume with --init_from=resume"
             ) from err
 
@@ -118,6 +119,26 @@ def complete_steps(directory: str | os.PathLike) -> list[int]:
     if not path.is_dir():
         return []
     return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+
+
+def _storage_error(err: BaseException) -> str:
+    """`_first_line(err)`, led by the OS's name for the failure ("No space left on device") when
+    the error or its causes carry one: tensorstore puts it last, after paths long enough to be cut."""
+    causes = []
+    while err is not None and err not in causes:
+        causes.append(err)
+        err = err.__cause__ or err.__context__
+    for cause in causes:
+        code = cause.errno if isinstance(cause, OSError) and cause.errno else None
+        found = _OS_ERROR_CODE.search(str(cause)) if code is None else None
+        if found:
+            code = int(found.group(1) or found.group(2))
+        if code:
+            return f"{os.strerror(code)}: {_first_line(causes[0])}"
+    return _first_line(causes[0])
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:

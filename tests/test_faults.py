@@ -7,6 +7,7 @@ parameters of one uninterrupted run. Children share a JAX compilation cache so o
 of each graph compiles.
 """
 
+import errno
 import hashlib
 import json
 import math
@@ -472,11 +473,27 @@ def test_full_disk_at_save_time_is_a_clear_error_and_keeps_the_previous_checkpoi
     errors = error_lines(child)
     assert len(errors) == 1, child.output()[-3000:]
     assert f"could not save the checkpoint of step {M + 1}" in errors[0]
-    assert "File too large" in errors[0] and f"the newest complete checkpoint, step {M}, is intact" in errors[0]
+    assert "(File too large: " in errors[0] and f"the newest complete checkpoint, step {M}, is intact" in errors[0]
     assert complete(out) == list(range(1, M + 1))
     assert ckpt_lib.Checkpointer(out, create=False).latest_step() == M
     assert_kept(before, snapshot(out))
     assert_params_equal(params(out), reference.final)
+
+
+def test_storage_errors_lead_with_the_os_cause_however_long_the_paths():
+    # tensorstore's wording, with the cause after paths long enough to be cut from one line
+    path = "/tmp/" + "deep/" * 80 + "ocdbt.process_0/d/e029b9f1"
+    tensorstore = Exception(f'OUT_OF_RANGE: Error writing local file "{path}": Failed to write 5880 bytes '
+                            f"to file 7: File too large [os_error_code='27'] [source locations='{path}']")
+    assert ckpt_lib._storage_error(tensorstore).startswith("File too large: OUT_OF_RANGE: Error writing")
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "write failed")
+        except OSError as cause:
+            raise RuntimeError("background save failed") from cause
+    except RuntimeError as wrapped:
+        assert ckpt_lib._storage_error(wrapped) == f"{os.strerror(errno.ENOSPC)}: background save failed"
+    assert ckpt_lib._storage_error(ValueError("no OS cause")) == "no OS cause"
 
 
 def test_unwritable_out_dir_or_no_free_space_fails_before_training(space, tmp_path, capsys, monkeypatch):
