@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from gptjax import config as config_lib
-from gptjax.data import ensure_dataset, load_meta
+from gptjax.data import load_meta
+from gptjax.prepare import ensure_dataset
 from gptjax.optim import nanogpt_lr
 
 

@@ -1,4 +1,5 @@
-"""Write a dataset's train.bin/val.bin (and meta.pkl for characters), as nanoGPT's prepare scripts.
+"""Write a dataset's train.bin/val.bin of uint16 token ids (and meta.pkl for characters) byte for
+byte as nanoGPT's data/*/prepare.py scripts; `gptjax.data` reads them.
 
     python -m gptjax.prepare shakespeare_char [--input input.txt] [--out data/shakespeare_char]
     python -m gptjax.prepare shakespeare      [--input input.txt] [--out data/shakespeare]
@@ -11,10 +12,201 @@ Without --input the Shakespeare datasets reuse OUT/input.txt or download it ther
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import pickle
 import sys
+import urllib.request
 from pathlib import Path
+from typing import Any, Sequence
 
-from gptjax import data
+import numpy as np
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SPLITS = {"train": 0, "val": 1}
+GPT2_EOT = 50256
+PathLike = str | os.PathLike
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2():
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+def prepare_command(dataset: str, data_dir: PathLike) -> str:
+    """The shell command that writes `dataset` into `data_dir`."""
+    if dataset in ("shakespeare_char", "shakespeare"):
+        return f"python -m gptjax.prepare {dataset} --input PATH --out {data_dir}"
+    if dataset == "openwebtext":
+        return f"python -m gptjax.prepare openwebtext --out {data_dir}"
+    return f"python -m gptjax.prepare text --input FILE [FILE ...] --out {data_dir}"
+
+
+def _write(path: Path, ids: Sequence[int] | np.ndarray | bytes) -> None:
+    # write then rename, so an interrupted prepare never leaves a truncated file that looks valid
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    if isinstance(ids, bytes):
+        tmp.write_bytes(ids)
+    else:
+        np.array(ids, dtype=np.uint16).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def _split_text(text: str, what: str) -> tuple[str, str]:
+    n = len(text)
+    train, val = text[: int(n * 0.9)], text[int(n * 0.9) :]
+    if not train or not val:
+        raise ValueError(f"{what} has only {n} characters: too short to split 90/10 into train and val")
+    return train, val
+
+
+def _summary(out: Path, n_train: int, n_val: int, vocab_size: int, **extra: Any) -> dict:
+    return {"out_dir": str(out), "train_tokens": n_train, "val_tokens": n_val, "vocab_size": vocab_size, **extra}
+
+
+def prepare_shakespeare_char(text: str, out_dir: PathLike) -> dict:
+    """Character-level ids of `text` (nanoGPT data/shakespeare_char/prepare.py): bins + meta.pkl."""
+    train_text, val_text = _split_text(text, "the text")
+    chars = sorted(set(text))
+    if len(chars) > 2**16:
+        raise ValueError(f"the text has {len(chars)} distinct characters; uint16 .bin files hold at most 65536")
+    stoi = {ch: i for i, ch in enumerate(chars)}
+    itos = {i: ch for i, ch in enumerate(chars)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # meta first: bins without their meta would be read as GPT-2 ids by the trainer
+    _write(out / "meta.pkl", pickle.dumps({"vocab_size": len(chars), "itos": itos, "stoi": stoi}))
+    _write(out / "val.bin", [stoi[c] for c in val_text])
+    _write(out / "train.bin", [stoi[c] for c in train_text])
+    return _summary(out, len(train_text), len(val_text), len(chars), characters=len(text))
+
+
+def _write_bpe(out: Path, train_ids: list[int], val_ids: list[int], **extra: Any) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    # a meta.pkl left from a character-level run would make the trainer use its tiny vocabulary
+    (out / "meta.pkl").unlink(missing_ok=True)
+    _write(out / "val.bin", val_ids)
+    _write(out / "train.bin", train_ids)
+    return _summary(out, len(train_ids), len(val_ids), _gpt2().n_vocab, **extra)
+
+
+def prepare_shakespeare(text: str, out_dir: PathLike) -> dict:
+    """GPT-2 BPE ids of `text` split 90/10 by characters (nanoGPT data/shakespeare/prepare.py)."""
+    train_text, val_text = _split_text(text, "the text")
+    enc = _gpt2()
+    train_ids, val_ids = enc.encode_ordinary(train_text), enc.encode_ordinary(val_text)
+    return _write_bpe(Path(out_dir), train_ids, val_ids, characters=len(text))
+
+
+def prepare_text(paths: Sequence[PathLike], out_dir: PathLike, val_fraction: float = 0.1) -> dict:
+    """GPT-2 BPE ids of local text files, each followed by <|endoftext|>; the last `val_fraction`
+    of the token stream is val. No meta.pkl: the model uses GPT-2's vocabulary."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
+    if not paths:
+        raise ValueError("prepare_text needs at least one input file")
+    enc, ids = _gpt2(), []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"input file {p} does not exist")
+        # EOT separates documents the way openwebtext's prepare does, so windows see the boundary
+        ids += enc.encode_ordinary(Path(p).read_text(encoding="utf-8")) + [enc.eot_token]
+    n_train = int(len(ids) * (1.0 - val_fraction))
+    if n_train == 0 or n_train == len(ids):
+        raise ValueError(f"{len(ids)} tokens are too few to split with val_fraction={val_fraction}")
+    return _write_bpe(Path(out_dir), ids[:n_train], ids[n_train:], files=len(paths))
+
+
+def _owt_process(example: dict) -> dict:
+    ids = _gpt2().encode_ordinary(example["text"])  # encode_ordinary ignores special tokens
+    ids.append(_gpt2().eot_token)  # nanoGPT appends (not prepends) eot: 50256
+    return {"ids": ids, "len": len(ids)}
+
+
+def prepare_openwebtext(
+    out_dir: PathLike, num_proc: int = 8, num_proc_load_dataset: int | None = None
+) -> dict:
+    """OpenWebText as nanoGPT data/openwebtext/prepare.py (~54 GB of HF cache, ~9B train tokens)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError(
+            f"openwebtext needs HuggingFace `datasets` ({e}): pip install gptjax[openwebtext]"
+        ) from e
+    from tqdm import tqdm
+
+    dataset = load_dataset("openwebtext", num_proc=num_proc_load_dataset or num_proc)
+    split_dataset = dataset["train"].train_test_split(test_size=0.0005, seed=2357, shuffle=True)
+    split_dataset["val"] = split_dataset.pop("test")
+    tokenized = split_dataset.map(
+        _owt_process, remove_columns=["text"], desc="tokenizing the splits", num_proc=num_proc
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, dset in tokenized.items():
+        arr_len = np.sum(dset["len"], dtype=np.uint64)
+        filename = out / f"{split}.bin"
+        arr = np.memmap(filename, dtype=np.uint16, mode="w+", shape=(arr_len,))  # eot 50256 < 2**16
+        total_batches, idx = 1024, 0
+        for batch_idx in tqdm(range(total_batches), desc=f"writing {filename}"):
+            # batch samples together for a faster write
+            batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True).with_format("numpy")
+            arr_batch = np.concatenate(batch["ids"])
+            arr[idx : idx + len(arr_batch)] = arr_batch
+            idx += len(arr_batch)
+        arr.flush()
+        counts[split] = int(arr_len)
+    return _summary(out, counts["train"], counts["val"], _gpt2().n_vocab)
+
+
+def read_shakespeare(input_path: PathLike | None = None, out_dir: PathLike | None = None) -> str:
+    """tiny-shakespeare's text: from `input_path`, else `out_dir/input.txt`, else downloaded (and
+    saved to `out_dir/input.txt` for next time, as nanoGPT does)."""
+    if input_path is not None:
+        if not Path(input_path).is_file():
+            raise FileNotFoundError(
+                f"--input {input_path} does not exist: pass the path to tiny-shakespeare's input.txt"
+            )
+        return Path(input_path).read_text(encoding="utf-8")
+    cached = Path(out_dir) / "input.txt" if out_dir is not None else None
+    if cached is not None and cached.is_file():
+        return cached.read_text(encoding="utf-8")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=20) as response:
+            text = response.read().decode("utf-8")
+    except (OSError, ValueError) as e:  # URLError, timeouts and refused connections are all OSError
+        raise ConnectionError(
+            f"could not download tiny-shakespeare ({e}); pass --input PATH to a local copy of input.txt"
+        ) from e
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(text, encoding="utf-8")
+    return text
+
+
+def ensure_dataset(dataset: str, data_dir: PathLike, input_path: PathLike | None = None) -> dict | None:
+    """Make sure `data_dir` holds train.bin and val.bin, preparing the Shakespeare datasets when
+    missing. Returns the prepare summary if it wrote them, else None."""
+    if all((Path(data_dir) / f"{s}.bin").is_file() for s in SPLITS):
+        return None
+    writers = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare}
+    if dataset not in writers:
+        raise FileNotFoundError(
+            f"{data_dir} has no train.bin/val.bin for dataset {dataset!r}: "
+            f"prepare it with `{prepare_command(dataset, data_dir)}`"
+        )
+    try:
+        text = read_shakespeare(input_path, out_dir=data_dir)
+    except ConnectionError as e:
+        raise ConnectionError(f"{e}, e.g. `{prepare_command(dataset, data_dir)}`") from e
+    return writers[dataset](text, data_dir)
+
+
+# ----------------------------------------------------------------------------- command line
+
 
 DATASETS = ("shakespeare_char", "shakespeare", "openwebtext", "text")
 
@@ -34,16 +226,16 @@ def prepare(dataset: str, out_dir: str, inputs: list[str] | None, val_fraction: 
     if dataset in ("shakespeare_char", "shakespeare"):
         if inputs is not None and len(inputs) != 1:
             raise ValueError(f"{dataset} takes one --input (tiny-shakespeare's input.txt), got {len(inputs)}")
-        text = data.read_shakespeare(inputs[0] if inputs else None, out_dir=out_dir)
-        writer = data.prepare_shakespeare_char if dataset == "shakespeare_char" else data.prepare_shakespeare
+        text = read_shakespeare(inputs[0] if inputs else None, out_dir=out_dir)
+        writer = prepare_shakespeare_char if dataset == "shakespeare_char" else prepare_shakespeare
         return writer(text, out_dir)
     if dataset == "text":
         if not inputs:
             raise ValueError("text needs --input FILE [FILE ...]: the local text files to tokenize")
-        return data.prepare_text(inputs, out_dir, val_fraction=val_fraction)
+        return prepare_text(inputs, out_dir, val_fraction=val_fraction)
     if inputs:
         raise ValueError("openwebtext is read from the HuggingFace hub: drop --input")
-    return data.prepare_openwebtext(out_dir, num_proc=num_proc)
+    return prepare_openwebtext(out_dir, num_proc=num_proc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,8 @@ read while step n+1 runs, so the host never stalls the device to log.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +17,7 @@ import numpy as np
 
 from gptjax import config as config_lib
 from gptjax import data as data_lib
+from gptjax import prepare
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, model_meta, write_json
 from gptjax.config import TrainConfig
@@ -132,7 +130,7 @@ def setup(cfg: TrainConfig) -> Run:
     # Every host prepares when the files are missing: pod hosts have their own disks, and one that
     # read meta.pkl before host 0 had written it would build a model with GPT-2's vocabulary.
     # The writes are atomic renames, so hosts sharing a disk never see half-written files.
-    meta = data_lib.ensure_dataset(cfg.dataset, data_dir, cfg.data_input or None)
+    meta = prepare.ensure_dataset(cfg.dataset, data_dir, cfg.data_input or None)
     meta = data_lib.load_meta(data_dir) if meta is None else meta
     checkpointer = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints)
     model_cfg, params, resume_meta = _load_model_config(cfg, meta and meta["vocab_size"], checkpointer)

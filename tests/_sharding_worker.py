@@ -26,9 +26,9 @@ CORPUS = ROOT.parent / "shared/data/tinyshakespeare/input.txt"
 
 def prepare_data(out_dir: Path) -> Path:
     """The first 100k characters of tiny-shakespeare as a character dataset (61 symbols)."""
-    from gptjax import data
+    from gptjax import prepare
 
-    data.prepare_shakespeare_char(CORPUS.read_text(encoding="utf-8")[:100_000], out_dir)
+    prepare.prepare_shakespeare_char(CORPUS.read_text(encoding="utf-8")[:100_000], out_dir)
     return out_dir
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from gptjax.config import (TrainConfig, field_types, find_config_file, from_dict, load_config_file,
                            parse_args, parse_override)
-from gptjax.data import prepare_shakespeare_char
+from gptjax.prepare import prepare_shakespeare_char
 from gptjax.train import main, setup
 
 ROOT = Path(__file__).resolve().parents[1]

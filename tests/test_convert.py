@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gptjax import convert, crosscheck
-from gptjax.model import GPT, GPTConfig, init_params
+from gptjax.model import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")
 from gptjax import torch_ref  # noqa: E402  (needs torch)

@@ -73,7 +73,7 @@ def test_shakespeare_char_is_byte_identical_to_nanogpt(tmp_path):
     text = CORPUS.read_text()[:20_000]
     (tmp_path / "ref").mkdir()
     nanogpt_shakespeare_char(text, tmp_path / "ref")
-    data.prepare_shakespeare_char(text, tmp_path / "ours")
+    prepare.prepare_shakespeare_char(text, tmp_path / "ours")
     assert same_files(tmp_path / "ref", tmp_path / "ours", ["train.bin", "val.bin", "meta.pkl"])
     with open(tmp_path / "ref/meta.pkl", "rb") as f:
         assert data.load_meta(tmp_path / "ours") == pickle.load(f)
@@ -81,7 +81,7 @@ def test_shakespeare_char_is_byte_identical_to_nanogpt(tmp_path):
 
 @needs_corpus
 def test_shakespeare_char_full_corpus_matches_nanogpt_published_counts(tmp_path):
-    summary = data.prepare_shakespeare_char(CORPUS.read_text(), tmp_path)
+    summary = prepare.prepare_shakespeare_char(CORPUS.read_text(), tmp_path)
     (tmp_path / "ref").mkdir()
     nanogpt_shakespeare_char(CORPUS.read_text(), tmp_path / "ref")
     assert same_files(tmp_path / "ref", tmp_path, ["train.bin", "val.bin", "meta.pkl"])
@@ -99,14 +99,14 @@ def test_shakespeare_bpe_is_byte_identical_to_nanogpt(tmp_path, gpt2_offline):
     nanogpt_shakespeare(text, tmp_path / "ref", gpt2_offline)
     (tmp_path / "ours").mkdir()
     (tmp_path / "ours/meta.pkl").write_bytes(b"stale")  # from an earlier char-level run
-    data.prepare_shakespeare(text, tmp_path / "ours")
+    prepare.prepare_shakespeare(text, tmp_path / "ours")
     assert same_files(tmp_path / "ref", tmp_path / "ours", ["train.bin", "val.bin"])
     assert not (tmp_path / "ours/meta.pkl").exists() and data.load_meta(tmp_path / "ours") is None
 
 
 @needs_corpus
 def test_shakespeare_bpe_full_corpus_matches_nanogpt_published_counts(tmp_path, gpt2_offline):
-    summary = data.prepare_shakespeare(CORPUS.read_text(), tmp_path)
+    summary = prepare.prepare_shakespeare(CORPUS.read_text(), tmp_path)
     assert (summary["train_tokens"], summary["val_tokens"]) == (301_966, 36_059)
     assert data.BinDataset(tmp_path, 1024, vocab_size=50257).n_tokens("val") == 36_059
 
@@ -115,7 +115,7 @@ def test_prepare_text_joins_files_with_eot_and_splits_tokens(tmp_path, gpt2_offl
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("Hello world, this is the first document. " * 30)
     b.write_text("And a second one, rather different in content! " * 20)
-    summary = data.prepare_text([a, b], tmp_path / "out", val_fraction=0.25)
+    summary = prepare.prepare_text([a, b], tmp_path / "out", val_fraction=0.25)
     enc = gpt2_offline
     want = enc.encode_ordinary(a.read_text()) + [50256] + enc.encode_ordinary(b.read_text()) + [50256]
     train = np.fromfile(tmp_path / "out/train.bin", dtype=np.uint16)
@@ -123,9 +123,9 @@ def test_prepare_text_joins_files_with_eot_and_splits_tokens(tmp_path, gpt2_offl
     assert np.concatenate([train, val]).tolist() == want
     assert len(train) == int(len(want) * 0.75) == summary["train_tokens"]
     with pytest.raises(ValueError, match="val_fraction"):
-        data.prepare_text([a], tmp_path / "x", val_fraction=1.0)
+        prepare.prepare_text([a], tmp_path / "x", val_fraction=1.0)
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        data.prepare_text([tmp_path / "nope.txt"], tmp_path / "x")
+        prepare.prepare_text([tmp_path / "nope.txt"], tmp_path / "x")
 
 
 # ----------------------------------------------------------------------------- batches
@@ -258,30 +258,30 @@ def test_offline_download_says_to_pass_input(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(ConnectionError, match="could not download tiny-shakespeare .*pass --input PATH"):
-        data.read_shakespeare(out_dir=tmp_path)
+        prepare.read_shakespeare(out_dir=tmp_path)
     with pytest.raises(ConnectionError, match=r"gptjax.prepare shakespeare_char --input PATH --out .*sc"):
-        data.ensure_dataset("shakespeare_char", tmp_path / "sc")
+        prepare.ensure_dataset("shakespeare_char", tmp_path / "sc")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.read_shakespeare(tmp_path / "missing.txt")
+        prepare.read_shakespeare(tmp_path / "missing.txt")
 
 
 def test_ensure_dataset_prepares_shakespeare_from_local_input_only_when_missing(tmp_path):
     d = tmp_path / "shakespeare_char"
     d.mkdir()
     (d / "input.txt").write_text("To be, or not to be: that is the question.\n" * 20)
-    summary = data.ensure_dataset("shakespeare_char", d)
+    summary = prepare.ensure_dataset("shakespeare_char", d)
     assert summary["vocab_size"] == len(set((d / "input.txt").read_text()))
     before = (d / "train.bin").stat().st_mtime_ns
-    assert data.ensure_dataset("shakespeare_char", d) is None
+    assert prepare.ensure_dataset("shakespeare_char", d) is None
     assert (d / "train.bin").stat().st_mtime_ns == before
     with pytest.raises(FileNotFoundError, match="python -m gptjax.prepare openwebtext --out"):
-        data.ensure_dataset("openwebtext", tmp_path / "owt")
+        prepare.ensure_dataset("openwebtext", tmp_path / "owt")
 
 
 def test_openwebtext_without_datasets_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"pip install gptjax\[openwebtext\]"):
-        data.prepare_openwebtext(tmp_path)
+        prepare.prepare_openwebtext(tmp_path)
 
 
 # ----------------------------------------------------------------------------- prefetcher

@@ -28,6 +28,7 @@ import pytest
 
 from gptjax import checkpoint as ckpt_lib
 from gptjax import data as data_lib
+from gptjax import prepare
 from gptjax import faults, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def space(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     text = CORPUS.read_text()[:20000] if CORPUS.is_file() else "".join(
         random.Random(0).choice("abcdefghij klmnop\n") for _ in range(20000))
-    data_lib.prepare_shakespeare_char(text, root / "data")
+    prepare.prepare_shakespeare_char(text, root / "data")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, always
     env.update(GPTJAX_CPU_DEVICES="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -434,7 +435,7 @@ def test_nonfinite_skip_counts_skipped_updates_and_saves_no_nonfinite_eval(space
     assert f"at iter {s2}; the update was not applied (skipped 2 so far)" in text
     assert text.count("the update was not applied (skipped") == 2
     assert [r["iter"] for r in steps(out) if math.isnan(r["loss"])] == [s1, s2]
-    assert f"non-finite eval loss (train " in text and f", val nan) at iter {e}; no checkpoint saved" in text
+    assert "non-finite eval loss (train " in text and f", val nan) at iter {e}; no checkpoint saved" in text
     assert complete(out) == [i for i in range(1, M + 1) if i != e] and not temporaries(out)
     assert_same_losses(out, reference, upto=s1)  # identical until the first skipped update
     skipped = params(out, s1 + 1)

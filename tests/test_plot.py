@@ -10,7 +10,7 @@ import pytest
 from conftest import session_compile_cache
 from gptjax import plot
 from gptjax.config import TrainConfig
-from gptjax.data import prepare_shakespeare_char
+from gptjax.prepare import prepare_shakespeare_char
 from gptjax.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -140,14 +140,14 @@ def test_resume_after_real_training_uses_the_char_vocabulary(tmp_path, monkeypat
     `python -m gptjax.sample --out_dir=...` must decode with the run's meta.pkl, not GPT-2 BPE."""
     from pathlib import Path
 
-    from gptjax import data
+    from gptjax import data, prepare
     from gptjax.config import parse_args
     from gptjax.train import train
 
     monkeypatch.chdir(tmp_path)
     corpus = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
     text = corpus.read_text()[:20000] if corpus.is_file() else "to be or not to be, that is the question\n" * 500
-    data.prepare_shakespeare_char(text, tmp_path / "data" / "shakespeare_char")
+    prepare.prepare_shakespeare_char(text, tmp_path / "data" / "shakespeare_char")
     cfg = parse_args(["shakespeare_char_cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
                       "--batch_size=4", "--max_iters=4", "--eval_interval=4", "--eval_iters=1",
                       "--always_save_checkpoint=True", "--out_dir=out"])

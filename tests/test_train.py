@@ -21,7 +21,8 @@ import pytest
 from conftest import session_compile_cache
 from gptjax.checkpoint import load_inference
 from gptjax.config import TrainConfig
-from gptjax.data import BinDataset, get_batch, prepare_shakespeare_char
+from gptjax.data import BinDataset, get_batch
+from gptjax.prepare import prepare_shakespeare_char
 from gptjax.model import GPT
 from gptjax.optim import nanogpt_lr
 from gptjax.train import main, setup, train
