@@ -34,6 +34,11 @@ from flax import struct
 
 from gptjax.model import GPT, GPTConfig, init_cache, init_params, unstack_layers
 
+# The cache is read in prefixes of this many positions (GPT.decode's key_bucket). GPT-2 124M on a
+# 2-core CPU, 500 tokens from a 1-token prompt: 24 tok/s reading all 1024 rows every step, 40-43
+# in prefixes of 128 (64: 39, 256: 37); docs/benchmarks.md
+KEY_BUCKET = 128
+
 
 @struct.dataclass
 class Sampling:
@@ -103,7 +108,7 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Arr
     return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled_B).astype(jnp.int32)
 
 
-def _logits_at(model: GPT, idx_BxT, at_B, cache=None):
+def _logits_at(model: GPT, idx_BxT, at_B, cache=None, key_bucket: int = 0):
     """Forward T tokens at positions 0..T-1 (into `cache` if given) with the tied head applied only at
     index at_B[b] of each row, as nanoGPT's inference forward: the head over all T positions would
     be ~30% of a GPT-2 step. Used as `GPT(cfg).apply(..., method=_logits_at)`."""
@@ -111,13 +116,13 @@ def _logits_at(model: GPT, idx_BxT, at_B, cache=None):
     x_BxTxC = model.wte(idx_BxT) + model.wpe(jnp.arange(T))[None]
     new_cache = []
     for i, block in enumerate(model.h):
-        x_BxTxC, layer_cache = block(x_BxTxC, True, None if cache is None else cache[i], 0)
+        x_BxTxC, layer_cache = block(x_BxTxC, True, None if cache is None else cache[i], 0, key_bucket)
         new_cache.append(layer_cache)
     x_Bx1xC = jnp.take_along_axis(x_BxTxC, at_B[:, None, None], axis=1)
     return model._logits(model.ln_f(x_Bx1xC))[:, 0], (None if cache is None else new_cache)
 
 
-def _window_logits(params, cfg: GPTConfig, ctx_BxM, L_B, W: int):
+def _window_logits(params, cfg: GPTConfig, ctx_BxM, L_B, W: int, key_bucket: int = KEY_BUCKET):
     """Logits after each row's first L_b tokens, seen as nanoGPT's cropped context: the last W (or
     all L_b) of them recomputed from scratch at positions 0... Also returns the cache it filled,
     valid for the rows with L_b <= W."""
@@ -125,16 +130,17 @@ def _window_logits(params, cfg: GPTConfig, ctx_BxM, L_B, W: int):
     start_B = jnp.maximum(L_B - W, 0)
     win_BxW = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (W,)))(ctx_BxM, start_B)
     at_B = jnp.minimum(L_B, W) - 1
-    return GPT(cfg).apply({"params": params}, win_BxW, at_B, init_cache(cfg, B), method=_logits_at)
+    return GPT(cfg).apply({"params": params}, win_BxW, at_B, init_cache(cfg, B), key_bucket, method=_logits_at)
 
 
-def _decode_rows(params, cfg: GPTConfig, tok_B, cache, pos_B):
+def _decode_rows(params, cfg: GPTConfig, tok_B, cache, pos_B, key_bucket: int = KEY_BUCKET):
     """Feed one token per row into the cache at that row's own position pos_B[b]."""
+    reach = jnp.max(pos_B)  # every row reads the cache prefix covering the furthest row
 
     def one_row(tok, row_cache, pos):
         row_cache = jax.tree.map(lambda x: x[None], row_cache)
         logits_1x1xV, row_cache = GPT(cfg).apply(
-            {"params": params}, tok.reshape(1, 1), row_cache, pos, method=GPT.decode
+            {"params": params}, tok.reshape(1, 1), row_cache, pos, key_bucket, reach, method=GPT.decode
         )
         return logits_1x1xV[0, 0], jax.tree.map(lambda x: x[0], row_cache)
 
@@ -166,8 +172,9 @@ def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_to
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ragged"))
-def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, ragged) -> _State:
+@functools.partial(jax.jit, static_argnames=("cfg", "ragged", "key_bucket"))
+def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, ragged,
+            key_bucket: int = KEY_BUCKET) -> _State:
     """Sample tokens state.t..end-1, stopping early once every row has emitted `stop` (-1: never).
     `end` is traced so streaming chunks reuse this compilation. ragged: unequal prompt lengths.
 
@@ -184,17 +191,17 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, r
         L_B = state.len_B + state.t  # context length each row samples from this step
 
         def recompute(cache):
-            return _window_logits(params, cfg, state.ctx_BxM, L_B, W)
+            return _window_logits(params, cfg, state.ctx_BxM, L_B, W, key_bucket)
 
         def incremental(cache):
             tok_B = jnp.take_along_axis(state.ctx_BxM, (L_B - 1)[:, None], axis=1)[:, 0]
             # finished rows may be past the block; clamp so they compute finite garbage
             pos_B = jnp.minimum(L_B - 1, bs - 1)
             if ragged:
-                return _decode_rows(params, cfg, tok_B, cache, pos_B)
+                return _decode_rows(params, cfg, tok_B, cache, pos_B, key_bucket)
             # equal rows share one position: the batched decode, 2x faster than the vmapped one on CPU
             logits_Bx1xV, cache = GPT(cfg).apply(
-                {"params": params}, tok_B[:, None], cache, pos_B[0], method=GPT.decode
+                {"params": params}, tok_B[:, None], cache, pos_B[0], key_bucket, method=GPT.decode
             )
             return logits_Bx1xV[:, 0], cache
 
@@ -221,10 +228,11 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, r
 
 
 def _per_layer(params, cfg: GPTConfig):
-    """The KV-cache decode needs GPT-2's per-layer parameters: unstack a scan_layers model's."""
+    """The KV-cache decode needs GPT-2's per-layer parameters (unstack a scan_layers model's) and
+    no rematerialisation, a training-only memory trade that leaves the parameters as they are."""
     if cfg.scan_layers:
-        return unstack_layers(params), dataclasses.replace(cfg, scan_layers=False)
-    return params, cfg
+        params = unstack_layers(params)
+    return params, dataclasses.replace(cfg, scan_layers=False, remat="none")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
@@ -283,7 +291,7 @@ def generate_stream(
     params, cfg = _per_layer(params, cfg)
     stop = -1 if stop_token is None else stop_token
     state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop)
-    static = dict(cfg=cfg, ragged=bool((len_B != len_B[0]).any()))
+    static = dict(cfg=cfg, ragged=bool((len_B != len_B[0]).any()), key_bucket=KEY_BUCKET)
 
     def chunks():
         nonlocal state

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import sharding
-from gptjax.attention import blocked_causal_attention, cpu_query_blocks, masked_attention
+from gptjax.attention import blocked_causal_attention, cached_attention, cpu_query_blocks, masked_attention
 from gptjax.dense import dense_dot_general
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -141,10 +141,12 @@ class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None):
-        """Causal self-attention. With `cache` ({'k','v'}: (B, S, N, H)), the T new tokens sit at
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None, key_bucket: int = 0,
+                 reach=None):
+        """Causal self-attention. With `cache` ({'k','v'}: (B, N, S, H)), the T new tokens sit at
         positions pos..pos+T-1 of the cache; they are written into it and attend to all earlier
-        ones. Returns (y, new_cache); new_cache is None without a cache."""
+        ones (reading the cache in prefixes of key_bucket rows up to `reach`, see `cached_attention`). Returns
+        (y, new_cache); new_cache is None without a cache."""
         cfg = self.config
         B, T, C = x_BxTxC.shape
         N, H = cfg.n_head, cfg.head_size
@@ -158,14 +160,17 @@ class CausalSelfAttention(nn.Module):
 
         new_cache = None
         if cache is not None:
-            k_BxSxNxH = jax.lax.dynamic_update_slice(cache["k"], k_BxTxNxH.astype(cache["k"].dtype), (0, pos, 0, 0))
-            v_BxSxNxH = jax.lax.dynamic_update_slice(cache["v"], v_BxTxNxH.astype(cache["v"].dtype), (0, pos, 0, 0))
-            new_cache = {"k": k_BxSxNxH, "v": v_BxSxNxH}
-            S = k_BxSxNxH.shape[1]
-            mask_TxS = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]
-            y_BxTxNxH = masked_attention(
-                q_BxTxNxH, k_BxSxNxH.astype(q_BxTxNxH.dtype), v_BxSxNxH.astype(q_BxTxNxH.dtype),
-                mask_TxS, attn_dropout, deterministic,
+            if use_attn_dropout:
+                raise ValueError("the KV-cache forward is for inference: call it with deterministic=True")
+            k_BxNxSxH, v_BxNxSxH = (
+                jax.lax.dynamic_update_slice(cache[name], new_BxTxNxH.transpose(0, 2, 1, 3).astype(cache[name].dtype),
+                                             (0, 0, pos, 0))
+                for name, new_BxTxNxH in (("k", k_BxTxNxH), ("v", v_BxTxNxH))
+            )
+            new_cache = {"k": k_BxNxSxH, "v": v_BxNxSxH}
+            y_BxTxNxH = cached_attention(
+                q_BxTxNxH, k_BxNxSxH.astype(q_BxTxNxH.dtype), v_BxNxSxH.astype(q_BxTxNxH.dtype), pos, key_bucket,
+                reach,
             )
         elif cfg.attention == "blocked" or (cfg.attention == "auto" and jax.default_backend() == "cpu"):
             # XLA's CPU backend has no fused attention: skip the masked score blocks instead
@@ -205,12 +210,13 @@ class Block(nn.Module):
     config: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None):
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None, key_bucket: int = 0,
+                 reach=None):
         cfg = self.config
         # Pin activations to the batch split, or XLA copies the fsdp weight layout into them.
         x_BxTxC = sharding.constrain_batch(x_BxTxC)
         y_BxTxC, new_cache = CausalSelfAttention(cfg, name="attn")(
-            _layer_norm(cfg, "ln_1")(x_BxTxC), deterministic, cache, pos
+            _layer_norm(cfg, "ln_1")(x_BxTxC), deterministic, cache, pos, key_bucket, reach
         )
         x_BxTxC = x_BxTxC + y_BxTxC
         x_BxTxC = x_BxTxC + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
@@ -221,7 +227,8 @@ def _remat_block(cfg: GPTConfig):
     if cfg.remat == "none":
         return Block
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    # deterministic (arg 2, counting self) decides the graph, so it must be static.
+    # deterministic (arg 2, counting self) decides the graph, so it must be static. (GPT.decode,
+    # whose key_bucket must be static too, refuses remat.)
     return nn.remat(Block, policy=policy, static_argnums=(2,))
 
 
@@ -309,28 +316,33 @@ class GPT(nn.Module):
                 x_BxTxC, _ = block(x_BxTxC, deterministic)
         return self._logits(self.ln_f(x_BxTxC))
 
-    def decode(self, idx_BxT, cache, pos):
+    def decode(self, idx_BxT, cache, pos, key_bucket: int = 0, reach=None):
         """Forward T new tokens at positions pos..pos+T-1 on a KV cache (see `init_cache`).
 
         Returns (logits (B, T, V) float32, new_cache). pos may be a traced scalar; the caller
-        keeps pos + T <= cache length (= block_size)."""
+        keeps pos + T <= cache length (= block_size). key_bucket > 0 reads the cache in prefixes
+        of that many rows up to position `reach` (default pos+T-1; see `cached_attention`)."""
         if self.config.scan_layers:
             raise ValueError("decode needs per-layer parameters: use unstack_layers(params) and "
                              "a config with scan_layers=False")
+        if self.config.remat != "none":
+            raise ValueError(f"decode is for inference: use a config with remat='none' (not {self.config.remat!r}); "
+                             "the parameters are the same")
         T = idx_BxT.shape[1]
         positions_T = pos + jnp.arange(T)
         x_BxTxC = self.wte(idx_BxT) + self.wpe(positions_T)[None]
         new_cache = []
         for block, layer_cache in zip(self.h, cache):
-            x_BxTxC, layer_cache = block(x_BxTxC, True, layer_cache, pos)
+            x_BxTxC, layer_cache = block(x_BxTxC, True, layer_cache, pos, key_bucket, reach)
             new_cache.append(layer_cache)
         return self._logits(self.ln_f(x_BxTxC)), new_cache
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None, dtype=None):
-    """Empty KV cache for `GPT.decode`: per layer {'k','v'} of shape (B, S, N, H)."""
+    """Empty KV cache for `GPT.decode`: per layer {'k','v'} of shape (B, N, S, H), heads major so
+    each head's keys and values are contiguous rows the attention products read in place."""
     S = length or cfg.block_size
-    shape = (batch_size, S, cfg.n_head, cfg.head_size)
+    shape = (batch_size, cfg.n_head, S, cfg.head_size)
     dtype = dtype or cfg.compute_dtype
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
 

@@ -1,5 +1,6 @@
 """gptjax.attention: causal attention in query blocks against the plain masked softmax (values and
-gradients), the block counts it is used with, and its place in the model on CPU."""
+gradients), the block counts it is used with, and its place in the model on CPU; attention over a
+KV cache read in prefixes."""
 
 import dataclasses
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from gptjax.attention import blocked_causal_attention, cpu_query_blocks, masked_attention
+from gptjax.attention import blocked_causal_attention, cached_attention, cpu_query_blocks, masked_attention
 from gptjax.model import GPT, GPTConfig, init_params
 
 
@@ -53,6 +54,38 @@ def test_blocks_really_skip_the_masked_score_blocks():
     score_shapes = [eqn.outvars[0].aval.shape for eqn in jaxpr.eqns
                     if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] != 5]
     assert score_shapes == [(1, 2, 4, 4), (1, 2, 4, 8), (1, 2, 4, 12), (1, 2, 4, 16)]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_cache_read_in_prefixes_equals_the_whole_cache(T):
+    """A cache of 16 rows read in prefixes of 5 (lengths 5, 10, 15, 16): at every position, traced
+    or static, the same values as attending over all 16 rows (the rows past pos+T-1 hold garbage
+    here, which both must ignore). float32: rtol 1e-6."""
+    q = qkv(2, T, 3, 8, seed=T)[0]
+    k_BxSxNxH, v_BxSxNxH = qkv(2, 16, 3, 8, seed=10 + T)[1:]
+    k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in (k_BxSxNxH, v_BxSxNxH))  # the cache is heads major
+    whole = jax.jit(lambda q, k, v, pos: cached_attention(q, k, v, pos))
+    prefixes = jax.jit(lambda q, k, v, pos: cached_attention(q, k, v, pos, key_bucket=5))
+    for pos in range(0, 16 - T + 1):
+        want = whole(q, k, v, pos)
+        causal_TxS = jnp.arange(16)[None, :] <= (pos + jnp.arange(T))[:, None]
+        np.testing.assert_allclose(want, masked_attention(q, k_BxSxNxH, v_BxSxNxH, causal_TxS), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(prefixes(q, k, v, pos), want, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(cached_attention(q, k, v, pos, key_bucket=5), want, rtol=1e-6, atol=1e-6)
+    # the garbage rows do matter without the mask: a wrong prefix would change the values
+    assert not np.allclose(masked_attention(q, k_BxSxNxH, v_BxSxNxH, jnp.ones((T, 16), bool)), whole(q, k, v, 0))
+
+
+def test_cache_prefixes_really_shorten_the_products():
+    q = qkv(1, 1, 2, 4)[0]
+    k, v = (jnp.transpose(a, (0, 2, 1, 3)) for a in qkv(1, 16, 2, 4, seed=1)[1:])
+    jaxpr = jax.make_jaxpr(lambda q, k, v, pos: cached_attention(q, k, v, pos, key_bucket=5))(q, k, v, 3)
+    (switch,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
+    key_lengths = [[eqn.outvars[0].aval.shape[-1] for eqn in branch.jaxpr.eqns if eqn.primitive.name == "dot_general"][0]
+                   for branch in switch.params["branches"]]
+    assert key_lengths == [5, 10, 15, 16]
+    static = jax.make_jaxpr(lambda q, k, v: cached_attention(q, k, v, 7, key_bucket=5))(q, k, v)
+    assert [e.outvars[0].aval.shape[-1] for e in static.eqns if e.primitive.name == "dot_general"][0] == 10
 
 
 def test_bfloat16_keeps_float32_scores():

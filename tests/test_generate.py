@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptjax import generate as G
-from gptjax.model import GPT, GPTConfig, init_cache, init_params
+from gptjax.model import GPT, GPTConfig, init_cache, init_params, stack_layers
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 # cached vs recomputed float32 logits: different attention code paths and summation orders
@@ -55,7 +55,9 @@ def tiny_params():
         (TINY, 21, 6, 0),  # prompt longer than block_size: cropped as nanoGPT
     ],
 )
-def test_greedy_cache_equals_recompute(cfg, T, N, seed):
+@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the cache read in prefixes of 4 rows
+def test_greedy_cache_equals_recompute(cfg, T, N, seed, key_bucket, monkeypatch):
+    monkeypatch.setattr(G, "KEY_BUCKET", key_bucket)
     params = spread_params(cfg, seed)
     prompt = prompts(2, T, cfg.vocab_size)
     cached = np.asarray(G.generate(params, cfg, prompt, jax.random.PRNGKey(0), N, temperature=0))
@@ -65,14 +67,15 @@ def test_greedy_cache_equals_recompute(cfg, T, N, seed):
     assert len(np.unique(cached)) > min(N, 8) // 2, "degenerate sequence: the check would be weak"
 
 
-def test_cached_logits_match_full_forward(tiny_params):
+@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 3])  # 3: the cache read in prefixes of 3 rows
+def test_cached_logits_match_full_forward(tiny_params, key_bucket):
     """Teacher-forced: at every context length, the prefill / one-token decode / cropped-window
     logits the loop uses equal GPT.__call__ on the cropped context (rows of unequal length)."""
     cfg, bs = TINY, TINY.block_size
     apply = jax.jit(GPT(cfg).apply)
-    window = jax.jit(G._window_logits, static_argnums=(1, 4))
-    decode_rows = jax.jit(G._decode_rows, static_argnums=(1,))
-    decode = jax.jit(functools.partial(GPT(cfg).apply, method=GPT.decode))
+    window = jax.jit(functools.partial(G._window_logits, key_bucket=key_bucket), static_argnums=(1, 4))
+    decode_rows = jax.jit(functools.partial(G._decode_rows, key_bucket=key_bucket), static_argnums=(1,))
+    decode = jax.jit(functools.partial(GPT(cfg).apply, method=GPT.decode), static_argnums=4)
     ctx_BxM = prompts(2, 26, cfg.vocab_size, seed=3)
     len_B = np.array([3, 7], np.int32)
 
@@ -100,11 +103,12 @@ def test_cached_logits_match_full_forward(tiny_params):
                 checked += 1
     assert checked > 10
     # the shared-position batched decode (equal prompts) against the same reference
-    cache = init_cache(cfg, 2)
-    for L in range(1, 9):
-        step_Bx1xV, cache = decode({"params": tiny_params}, ctx_BxM[:, L - 1 : L], cache, L - 1)
-        for b in range(2):
-            np.testing.assert_allclose(step_Bx1xV[b, 0], full(b, L), atol=ATOL, rtol=RTOL)
+    for key_bucket in (0, key_bucket):
+        cache = init_cache(cfg, 2)
+        for L in range(1, bs + 1):
+            step_Bx1xV, cache = decode({"params": tiny_params}, ctx_BxM[:, L - 1 : L], cache, L - 1, key_bucket)
+            for b in range(2):
+                np.testing.assert_allclose(step_Bx1xV[b, 0], full(b, L), atol=ATOL, rtol=RTOL)
 
 
 def test_matches_huggingface_greedy():
@@ -237,7 +241,9 @@ def test_stop_token_rows_stop_independently(tiny_params):
     np.testing.assert_array_equal(np.asarray(state.out_BxN)[0, : first + 1], greedy[0, : first + 1])
 
 
-def test_left_padded_prompts_equal_rows_alone(tiny_params):
+@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the vmapped decode reads prefixes
+def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket, monkeypatch):
+    monkeypatch.setattr(G, "KEY_BUCKET", key_bucket)
     cfg = TINY
     lengths = np.array([3, 7, 5, 7])
     junk = prompts(4, 7, cfg.vocab_size, seed=2)  # padding holds real-looking ids, not zeros
@@ -250,6 +256,20 @@ def test_left_padded_prompts_equal_rows_alone(tiny_params):
     for i, r in enumerate(rows):  # 3 + 17 > 16: each row crosses block_size at its own step
         alone = G.generate_recompute(tiny_params, cfg, r[None], jax.random.PRNGKey(0), 18, temperature=0)
         np.testing.assert_array_equal(out[i], alone[0])
+
+
+def test_remat_and_scanned_models_sample_as_the_plain_one(tiny_params):
+    """Sampling drops remat (training-only) and unstacks scanned layers; GPT.decode itself refuses
+    remat, whose Block cannot take decode's static key_bucket."""
+    prompt = prompts(2, 4, TINY.vocab_size)
+    plain = np.asarray(G.generate(tiny_params, TINY, prompt, jax.random.PRNGKey(0), 12, temperature=0))
+    scanned_remat = dataclasses.replace(TINY, scan_layers=True, remat="full")
+    stacked = stack_layers(tiny_params, TINY.n_layer)
+    np.testing.assert_array_equal(
+        np.asarray(G.generate(stacked, scanned_remat, prompt, jax.random.PRNGKey(0), 12, temperature=0)), plain)
+    with pytest.raises(ValueError, match="remat='none'"):
+        GPT(dataclasses.replace(TINY, remat="full")).apply(
+            {"params": tiny_params}, prompt[:, :1], init_cache(TINY, 2), 0, method=GPT.decode)
 
 
 def test_bfloat16_compute(tiny_params):
