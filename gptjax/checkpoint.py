@@ -84,7 +84,7 @@ class Checkpointer:
         except Exception as err:  # tensorstore raises bare Exceptions for unreadable data
             raise ValueError(
                 f"cannot restore checkpoint {self.directory / str(step)}: it is corrupt or incomplete, or "
-                f"was written for a different model or optimizer (e.g. grad_clip on/off) ({_first_line(err)}). "
+                f"was written for a different model or optimizer (e.g. grad_clip on/off, float16's loss scale) ({_first_line(err)}). "
                 "Delete that directory to resume from an older checkpoint, or pass another out_dir"
             ) from err
         return restored.state, meta

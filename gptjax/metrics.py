@@ -58,6 +58,8 @@ class MetricsLogger:
         if it % self.cfg.log_interval:
             return
         record = {"iter": it, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"]}
+        if "loss_scale" in metrics:  # float16 runs
+            record["loss_scale"] = metrics["loss_scale"]
         postfix = f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}"
         if dt is not None:  # the first step after start or an eval has no step time
             record.update(dt_ms=dt * 1e3, tokens_per_s=self.cfg.tokens_per_iter / dt,
