@@ -11,6 +11,7 @@ to the same alternating rounds: an A/B of a setting in one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -146,29 +147,56 @@ def _mfu(flops_per_iter: float, dt: float) -> float:
     return flops_per_iter / dt / (peak * n)
 
 
-def torch_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool) -> Runner:
-    """nanoGPT's training step in PyTorch on CPU: same model, AdamW groups, clipping and batch."""
+def torch_device() -> str:
+    """Where the PyTorch rows run: on the GPU when gptjax's do, else on the CPU."""
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
+def _torch_setup(cfg: TrainConfig, device: str):
+    """(torch, autocast context) as nanoGPT's train.py sets them up: TF32 matmuls, and autocast to
+    the run's dtype on the GPU (float32 on the CPU)."""
     import torch
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("gptjax runs on the GPU but this PyTorch has no CUDA: install a CUDA build of "
+                           "torch to compare on the same device, or drop --compare")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if device == "cpu":
+        return torch, contextlib.nullcontext()
+    return torch, torch.amp.autocast(device_type=device, dtype=getattr(torch, cfg.dtype))
+
+
+def torch_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool, device: str = "cpu") -> Runner:
+    """nanoGPT's training step in PyTorch: same model, AdamW groups, clipping and batch; on the
+    GPU with nanoGPT's autocast, fused AdamW and (float16) GradScaler, synchronised every step as
+    gptjax's steps are."""
     from gptjax import torch_ref
 
+    torch, autocast = _torch_setup(cfg, device)
     torch.manual_seed(cfg.seed)
     model = torch_ref.GPT(torch_ref.GPTConfig(
         block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+        n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device)
+    scaler = torch.amp.GradScaler(device, enabled=device == "cuda" and cfg.dtype == "float16")
     forward = torch.compile(model) if compile else model
-    x = torch.from_numpy(tokens[..., :-1].astype(np.int64))
-    y = torch.from_numpy(tokens[..., 1:].astype(np.int64))
+    x = torch.from_numpy(tokens[..., :-1].astype(np.int64)).to(device)
+    y = torch.from_numpy(tokens[..., 1:].astype(np.int64)).to(device)
 
     def step():
         for micro in range(x.shape[0]):
-            _, loss = forward(x[micro], y[micro])
-            (loss / x.shape[0]).backward()
+            with autocast:
+                _, loss = forward(x[micro], y[micro])
+            scaler.scale(loss / x.shape[0]).backward()
         if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     start = time.perf_counter()
     step()  # torch.compile compiles here
@@ -178,14 +206,16 @@ def torch_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile:
     return Runner("torch-compile" if compile else "torch", functools.partial(_timed, step), flops, compile_s)
 
 
-def torch_process_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool) -> Runner:
+def torch_process_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool,
+                         device: str = "cpu") -> Runner:
     """torch_runner in a child process, driven over a pipe. The PyTorch rows then run as a user's
     nanoGPT would, in a process of their own: without gptjax's malloc settings
     (perf.keep_freed_memory), and without PyTorch's OpenMP threads, which busy-wait after each
     parallel region, taking cores from XLA's steps in between (on 2 cores that cost gptjax ~15%)."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX threads, no mallopt
     conn, child_conn = ctx.Pipe()
-    proc = ctx.Process(target=_torch_worker, args=(child_conn, cfg, tokens, vocab_size, compile), daemon=True)
+    proc = ctx.Process(target=_torch_worker, args=(child_conn, cfg, tokens, vocab_size, compile, device),
+                       daemon=True)
     proc.start()
     child_conn.close()
     status, *payload = conn.recv()
@@ -206,9 +236,9 @@ def torch_process_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, 
     return Runner(impl, run, flops, compile_s, close)
 
 
-def _torch_worker(conn, cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool) -> None:
+def _torch_worker(conn, cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool, device: str) -> None:
     try:
-        runner = torch_runner(cfg, tokens, vocab_size, compile)
+        runner = torch_runner(cfg, tokens, vocab_size, compile, device)
     except Exception as err:  # reported to the parent, which raises it there
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
@@ -232,18 +262,21 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
             result["recompute_tokens_per_s"], float("nan"), result.get("recompute_compile_s", float("nan"))),
     ]
     if compare_torch:
-        import torch
-
         from gptjax import torch_ref
 
+        device = torch_device()
+        torch, autocast = _torch_setup(cfg, device)
         torch.manual_seed(cfg.seed)
         model = torch_ref.GPT(torch_ref.GPTConfig(
             block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval()
-        idx = torch.zeros((1, 1), dtype=torch.long)
-        model.generate(idx, 8)  # warm-up
-        start = time.perf_counter()
-        model.generate(idx, new_tokens, top_k=200)
+            n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval().to(device)
+        idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+        with autocast:
+            model.generate(idx, 8)  # warm-up
+            start = time.perf_counter()
+            model.generate(idx, new_tokens, top_k=200)
+            if device == "cuda":
+                torch.cuda.synchronize()
         dt = (time.perf_counter() - start) / new_tokens
         rows.append(Row("torch-sample-recompute", name, dt * 1e3, 1 / dt, float("nan"), 0.0))
     return rows
@@ -305,9 +338,9 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
             runners.append(dataclasses.replace(
                 gptjax_runner(_variant(cfg, rest, overrides), tokens, vocab_size), label=overrides))
         if args.compare == "torch":
-            runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False))
+            runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False, device=torch_device()))
             if not args.no_torch_compile:
-                runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=True))
+                runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=True, device=torch_device()))
         rows = measure(runners, cfg, name, args.steps, args.rounds)
     finally:
         for runner in runners:

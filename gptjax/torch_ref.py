@@ -119,12 +119,14 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas):
-        """nanoGPT's AdamW: weight decay on every parameter of 2+ dimensions, none on the rest."""
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str = "cpu"):
+        """nanoGPT's AdamW: weight decay on every parameter of 2+ dimensions, none on the rest;
+        the fused CUDA kernel on the GPU."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the position embedding is left out by default (wte is the head too)."""

@@ -49,6 +49,24 @@ def test_bench_variant_may_not_change_the_batch(capsys):
     assert "unknown config key" in capsys.readouterr().err
 
 
+def test_torch_rows_run_where_gptjax_runs_and_need_cuda_on_a_gpu():
+    """On this CPU host the PyTorch rows run on the CPU; asked for the GPU, a PyTorch without CUDA
+    is a clear error rather than a CPU row passed off as a GPU one."""
+    import numpy as np
+    import torch
+
+    from gptjax.config import parse_args
+
+    assert bench.torch_device() == "cpu"
+    cfg = parse_args(TINY)
+    tokens = np.zeros((2, 4, 17), np.int32)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="this PyTorch has no CUDA"):
+            bench.torch_runner(cfg, tokens, 64, compile=False, device="cuda")
+    runner = bench.torch_runner(cfg, tokens, 64, compile=False, device="cpu")
+    assert runner.impl == "torch" and runner.run(2) > 0
+
+
 def test_bench_rejects_bad_keys(capsys):
     assert bench.main(["--no_such_key=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
