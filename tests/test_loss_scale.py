@@ -3,6 +3,10 @@ with): the scaled backward gives float32's gradients, an overflow skips the upda
 scale without stopping the run, good steps grow it, and the scale is checkpointed and resumed."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +113,40 @@ def test_float16_run_trains_checkpoints_the_scale_and_resumes_exactly(data_dir, 
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(resumed.state)),
                     jax.tree_util.tree_leaves(jax.device_get(uninterrupted.state))):
         np.testing.assert_array_equal(a, b)
+
+
+STEPS_SCRIPT = """
+import json, sys
+from gptjax.config import TrainConfig
+from gptjax.train import setup
+run = setup(TrainConfig(**json.loads(sys.argv[1])))
+out = []
+for i in range(3):
+    run.state, m = run.train_step(run.state, run.to_device(run.batch("train", i)))
+    out.append({k: float(v) for k, v in m.items()})
+run.checkpointer.close()
+print(json.dumps({"devices": run.mesh.devices.size, "metrics": out}))
+"""
+
+
+def test_float16_data_parallel_over_two_devices_matches_one(data_dir, tmp_path):
+    """The flat all-reduce path (2 CPU devices, no dropout) takes the loss scale as one device does
+    (both run the scaled backward through `_accumulated_grads`, tested above): the same scale, and
+    losses and unscaled gradient norms within float16 reduction-order noise (rtol 1e-2, 2e-2)."""
+    runs = {}
+    for devices in (1, 2):
+        cfg = fp16(data_dir, tmp_path / str(devices), dp=devices)
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        child = subprocess.run([sys.executable, "-c", STEPS_SCRIPT, json.dumps(dataclasses.asdict(cfg))],
+                               env=env, capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0, child.stderr[-3000:]
+        runs[devices] = json.loads(child.stdout.strip().splitlines()[-1])
+    assert runs[2]["devices"] == 2 and runs[1]["devices"] == 1
+    for one, two in zip(runs[1]["metrics"], runs[2]["metrics"]):
+        assert two["loss_scale"] == one["loss_scale"] == step_lib.LOSS_SCALE_INIT
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-2)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=2e-2)  # unscaled on both paths
+        assert two["skipped"] == one["skipped"] == 0
 
 
 def test_other_dtypes_keep_the_checkpoint_layout(data_dir, tmp_path):
