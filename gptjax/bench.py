@@ -338,9 +338,10 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
             runners.append(dataclasses.replace(
                 gptjax_runner(_variant(cfg, rest, overrides), tokens, vocab_size), label=overrides))
         if args.compare == "torch":
-            runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False, device=torch_device()))
+            device = torch_device()
+            runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False, device=device))
             if not args.no_torch_compile:
-                runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=True, device=torch_device()))
+                runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=True, device=device))
         rows = measure(runners, cfg, name, args.steps, args.rounds)
     finally:
         for runner in runners:

@@ -156,8 +156,9 @@ def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Cal
     else:
         loss, grads = _accumulated_grads(state.params, x_AxBxT, y_AxBxT, step_key, model, scale)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    nonfinite = ~finite if scale is None else ~jnp.isfinite(loss)
+    loss_finite, grads_finite = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+    finite = loss_finite & grads_finite
+    nonfinite = ~finite if scale is None else ~loss_finite
 
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -169,7 +170,7 @@ def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Cal
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
         skipped=state.skipped + (~finite).astype(jnp.int32),
-        loss_scale=None if scale is None else state.loss_scale.update(jnp.isfinite(grad_norm)),
+        loss_scale=None if scale is None else state.loss_scale.update(grads_finite),
     )
     metrics = {
         # the optimizer's schedule counts applied updates, which skipped ones are not
