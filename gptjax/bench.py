@@ -45,6 +45,11 @@ class Row:
     compile_s: float
     peak_mem_mb: float | None = None
     note: str = ""
+    variant: str = ""  # a --vs row's config overrides
+
+    @property
+    def label(self) -> str:
+        return f"{self.config} {self.variant}" if self.variant else self.config
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,7 +86,7 @@ class Runner:
     flops_per_iter: float
     compile_s: float
     close: Callable[[], None] = lambda: None
-    label: str = ""  # the config overrides of a --vs variant
+    variant: str = ""  # a --vs variant's config overrides
 
 
 def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int, rounds: int) -> list[Row]:
@@ -95,8 +100,8 @@ def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int
     for r, r_times in zip(runners, times):
         dt = float(np.median(r_times))
         mem = _peak_mem_mb() if r.impl == "gptjax" else None
-        config = f"{name} {r.label}" if r.label else name
-        rows.append(Row(r.impl, config, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(r.flops_per_iter, dt), r.compile_s, mem))
+        rows.append(Row(r.impl, name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(r.flops_per_iter, dt), r.compile_s, mem,
+                        variant=r.variant))
     return rows
 
 
@@ -283,13 +288,13 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    width = max([22] + [len(r.config) for r in rows])  # --vs variants carry their overrides
+    width = max([22] + [len(r.label) for r in rows])
     header = f"{'impl':<24} {'config':<{width}} {'ms/iter':>10} {'tokens/s':>12} {'MFU':>7} {'compile s':>10} {'peak MB':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = "" if np.isnan(r.mfu) else f"{r.mfu * 100:.1f}%"
         mem = "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
-        lines.append(f"{r.impl:<24} {r.config:<{width}} {r.ms_per_iter:>10.2f} {r.tokens_per_s:>12,.0f} "
+        lines.append(f"{r.impl:<24} {r.label:<{width}} {r.ms_per_iter:>10.2f} {r.tokens_per_s:>12,.0f} "
                      f"{mfu:>7} {r.compile_s:>10.1f} {mem:>9}" + (f"  {r.note}" if r.note else ""))
     by_impl: dict[str, Row] = {}
     for r in rows:
@@ -300,9 +305,9 @@ def format_table(rows: Sequence[Row]) -> str:
             ratio = by_impl[mine].tokens_per_s / by_impl[other].tokens_per_s
             lines.append(f"{mine} / {other}: {ratio:.2f}x tokens/s")
     for r in rows:
-        if r.impl == "gptjax" and r is not by_impl["gptjax"]:
+        if r.impl == "gptjax" and r.variant:
             ratio = by_impl["gptjax"].tokens_per_s / r.tokens_per_s
-            lines.append(f"gptjax / gptjax {r.config[len(by_impl['gptjax'].config) + 1:]}: {ratio:.2f}x tokens/s")
+            lines.append(f"gptjax / gptjax {r.variant}: {ratio:.2f}x tokens/s")
     return "\n".join(lines)
 
 
@@ -336,7 +341,7 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     try:
         for overrides in args.vs:
             runners.append(dataclasses.replace(
-                gptjax_runner(_variant(cfg, rest, overrides), tokens, vocab_size), label=overrides))
+                gptjax_runner(_variant(cfg, rest, overrides), tokens, vocab_size), variant=overrides))
         if args.compare == "torch":
             device = torch_device()
             runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False, device=device))

@@ -281,17 +281,19 @@ def _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_
 def generate_stream(
     params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-    vocab_limit: int | None = None, prompt_lengths=None, chunk_size: int = 32,
+    vocab_limit: int | None = None, prompt_lengths=None, chunk_size: int = 32, key_bucket: int = KEY_BUCKET,
 ) -> Iterator[np.ndarray]:
     """`generate`, yielding the tokens (B, k) as numpy arrays every chunk_size steps (after all rows
     stop, the remaining chunks are padding). The same compiled loop runs chunk by chunk carrying
     its state, so the tokens are exactly `generate`'s. Arguments are checked at the call."""
     prompt_BxT, len_B, sampling = _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p,
                                          vocab_limit, prompt_lengths, stop_token)
+    if not isinstance(key_bucket, int) or key_bucket < 0:
+        raise ValueError(f"key_bucket={key_bucket!r}: give a whole number of cache rows >= 0 (0 reads the whole cache)")
     params, cfg = _per_layer(params, cfg)
     stop = -1 if stop_token is None else stop_token
     state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop)
-    static = dict(cfg=cfg, ragged=bool((len_B != len_B[0]).any()), key_bucket=KEY_BUCKET)
+    static = dict(cfg=cfg, ragged=bool((len_B != len_B[0]).any()), key_bucket=key_bucket)
 
     def chunks():
         nonlocal state
@@ -306,7 +308,7 @@ def generate_stream(
 def generate(
     params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-    vocab_limit: int | None = None, prompt_lengths=None,
+    vocab_limit: int | None = None, prompt_lengths=None, key_bucket: int = KEY_BUCKET,
 ) -> jax.Array:
     """Sample max_new_tokens tokens after each prompt row on the KV cache: int32 (B, max_new_tokens).
 
@@ -316,11 +318,12 @@ def generate(
     stop_token a row ends when it samples it and is stop_token from then on; the loop ends when all
     rows have. Step t samples with fold_in(key, t): the same key gives the same tokens. Contexts
     longer than block_size are cropped to their last block_size tokens, as nanoGPT; such steps
-    recompute that window instead of using the cache (see the module docstring).
+    recompute that window instead of using the cache (see the module docstring). key_bucket only
+    sets speed: each step reads the cache in prefixes of that many positions (0: the whole cache).
     """
     chunks = generate_stream(
         params, cfg, prompt_tokens, key, max_new_tokens, temperature, top_k, top_p, stop_token,
-        vocab_limit, prompt_lengths, chunk_size=max_new_tokens,
+        vocab_limit, prompt_lengths, chunk_size=max_new_tokens, key_bucket=key_bucket,
     )
     return jnp.asarray(next(chunks))
 

@@ -34,8 +34,9 @@ def test_bench_json_rows_against_torch(tmp_path, capsys):
 def test_bench_times_variants_in_the_same_rounds(capsys):
     rows = bench.run(TINY + ["--steps=1", "--rounds=2", "--name=tiny", "--vs=--attention=plain",
                              "--vs=--remat=full --dtype=bfloat16"])
-    assert [(r.impl, r.config) for r in rows] == [
-        ("gptjax", "tiny"), ("gptjax", "tiny --attention=plain"), ("gptjax", "tiny --remat=full --dtype=bfloat16")]
+    assert [(r.impl, r.config, r.variant) for r in rows] == [
+        ("gptjax", "tiny", ""), ("gptjax", "tiny", "--attention=plain"),
+        ("gptjax", "tiny", "--remat=full --dtype=bfloat16")]
     assert all(r.ms_per_iter > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "gptjax / gptjax --attention=plain:" in printed

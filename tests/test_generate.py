@@ -56,11 +56,11 @@ def tiny_params():
     ],
 )
 @pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the cache read in prefixes of 4 rows
-def test_greedy_cache_equals_recompute(cfg, T, N, seed, key_bucket, monkeypatch):
-    monkeypatch.setattr(G, "KEY_BUCKET", key_bucket)
+def test_greedy_cache_equals_recompute(cfg, T, N, seed, key_bucket):
     params = spread_params(cfg, seed)
     prompt = prompts(2, T, cfg.vocab_size)
-    cached = np.asarray(G.generate(params, cfg, prompt, jax.random.PRNGKey(0), N, temperature=0))
+    cached = np.asarray(G.generate(params, cfg, prompt, jax.random.PRNGKey(0), N, temperature=0,
+                                   key_bucket=key_bucket))
     reference = G.generate_recompute(params, cfg, prompt, jax.random.PRNGKey(0), N, temperature=0)
     assert cached.shape == (2, N)
     np.testing.assert_array_equal(cached, reference)
@@ -242,8 +242,7 @@ def test_stop_token_rows_stop_independently(tiny_params):
 
 
 @pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the vmapped decode reads prefixes
-def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket, monkeypatch):
-    monkeypatch.setattr(G, "KEY_BUCKET", key_bucket)
+def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket):
     cfg = TINY
     lengths = np.array([3, 7, 5, 7])
     junk = prompts(4, 7, cfg.vocab_size, seed=2)  # padding holds real-looking ids, not zeros
@@ -252,7 +251,7 @@ def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket, monkeypat
     for i, r in enumerate(rows):
         padded[i, 7 - len(r):] = r
     out = np.asarray(G.generate(tiny_params, cfg, padded, jax.random.PRNGKey(0), 18, temperature=0,
-                                prompt_lengths=lengths))
+                                prompt_lengths=lengths, key_bucket=key_bucket))
     for i, r in enumerate(rows):  # 3 + 17 > 16: each row crosses block_size at its own step
         alone = G.generate_recompute(tiny_params, cfg, r[None], jax.random.PRNGKey(0), 18, temperature=0)
         np.testing.assert_array_equal(out[i], alone[0])
@@ -297,6 +296,8 @@ def test_bfloat16_compute(tiny_params):
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(prompt_tokens=np.full((2, 4), 64)), "token ids"),
         (dict(prompt_tokens=np.zeros((2, 0), np.int32)), "non-empty"),
+        (dict(key_bucket=-1), "key_bucket"),
+        (dict(key_bucket=2.5), "key_bucket"),
     ],
 )
 def test_bad_arguments(tiny_params, kwargs, match):
