@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import session_compile_cache
+from _compile_cache import session_compile_cache
 from gptjax import plot
 from gptjax.config import TrainConfig
 from gptjax.prepare import prepare_shakespeare_char

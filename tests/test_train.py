@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import session_compile_cache
+from _compile_cache import session_compile_cache
 from gptjax.checkpoint import load_inference
 from gptjax.config import TrainConfig
 from gptjax.data import BinDataset, get_batch

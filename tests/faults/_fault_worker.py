@@ -1,5 +1,5 @@
-"""A `python -m gptjax.train` child for tests/test_faults.py, with two test-only changes made from
-outside the library:
+"""A `python -m gptjax.train` child for the fault tests (tests/faults/), with two test-only changes
+made from outside the library:
 
   python tests/_fault_worker.py [--file-size-limit BYTES] -- [CONFIG] [--key=value ...]
 
