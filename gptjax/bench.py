@@ -46,6 +46,7 @@ class Row:
     peak_mem_mb: float | None = None
     note: str = ""
     variant: str = ""  # a --vs row's config overrides
+    flops_per_s: float = float("nan")  # model FLOPs (nanoGPT's count) per second; NaN for sampling rows
 
     @property
     def label(self) -> str:
@@ -101,7 +102,7 @@ def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int
         dt = float(np.median(r_times))
         mem = _peak_mem_mb() if r.impl == "gptjax" else None
         rows.append(Row(r.impl, name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(r.flops_per_iter, dt), r.compile_s, mem,
-                        variant=r.variant))
+                        variant=r.variant, flops_per_s=r.flops_per_iter / dt))
     return rows
 
 
@@ -287,15 +288,22 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
     return rows
 
 
+def _flops(rate: float) -> str:
+    if np.isnan(rate):
+        return ""
+    return f"{rate / 1e12:.1f}T" if rate >= 1e12 else f"{rate / 1e9:.1f}G"
+
+
 def format_table(rows: Sequence[Row]) -> str:
     width = max([22] + [len(r.label) for r in rows])
-    header = f"{'impl':<24} {'config':<{width}} {'ms/iter':>10} {'tokens/s':>12} {'MFU':>7} {'compile s':>10} {'peak MB':>9}"
+    header = (f"{'impl':<24} {'config':<{width}} {'ms/iter':>10} {'tokens/s':>12} {'FLOP/s':>8} {'MFU':>7} "
+              f"{'compile s':>10} {'peak MB':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         mfu = "" if np.isnan(r.mfu) else f"{r.mfu * 100:.1f}%"
         mem = "" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
         lines.append(f"{r.impl:<24} {r.label:<{width}} {r.ms_per_iter:>10.2f} {r.tokens_per_s:>12,.0f} "
-                     f"{mfu:>7} {r.compile_s:>10.1f} {mem:>9}" + (f"  {r.note}" if r.note else ""))
+                     f"{_flops(r.flops_per_s):>8} {mfu:>7} {r.compile_s:>10.1f} {mem:>9}" + (f"  {r.note}" if r.note else ""))
     by_impl: dict[str, Row] = {}
     for r in rows:
         by_impl.setdefault(r.impl, r)  # the first gptjax row is the CONFIG as given, before --vs rows

@@ -56,7 +56,7 @@ class TrainConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0  # 0 for pretraining, 0.1+ for finetuning
-    bias: bool = True
+    bias: bool = False  # biases in Linear and LayerNorm layers: nanoGPT's train.py default (GPT-2 checkpoints bring their own)
     vocab_size: int = 0  # 0: the dataset's meta.pkl vocab, else GPT-2's 50304
     activation: str = "gelu"
     attention: str = "auto"  # auto (cuDNN/XLA; blocked causal on CPU), xla, cudnn, plain, blocked

@@ -20,12 +20,17 @@ def test_bench_json_rows_against_torch(tmp_path, capsys):
     rows = bench.run(TINY + ["--steps=2", "--rounds=2", "--compare=torch", "--no-torch-compile",
                              "--name=tiny", f"--json={out}"])
     payload = json.loads(out.read_text())
+    # 2 blocks of weights and LayerNorm scales (no biases: nanoGPT's default), ln_f, wte (the tied head)
+    n_params = 2 * (12 * 32 * 32 + 2 * 32) + 32 + 64 * 32
+    tiny_flops_per_token = 6 * n_params + 12 * 2 * 16 * 32
     assert [r["impl"] for r in payload["rows"]] == ["gptjax", "torch"]
     for row in payload["rows"]:
         assert {"impl", "config", "ms_per_iter", "tokens_per_s", "mfu", "compile_s"} <= row.keys()
         assert row["config"] == "tiny" and row["ms_per_iter"] > 0 and 0 < row["mfu"] < 1.5
         # tokens/s is the step's tokens over its time: 2 x 4 x 16 tokens per step
         assert row["tokens_per_s"] == pytest.approx(128 / (row["ms_per_iter"] / 1e3), rel=1e-6)
+        # model FLOP/s: nanoGPT's count per token (6N + 12 L T C) at that rate, the same for both
+        assert row["flops_per_s"] == pytest.approx(row["tokens_per_s"] * tiny_flops_per_token, rel=1e-6)
     assert rows[0].compile_s > 0
     printed = capsys.readouterr().out
     assert "gptjax / torch:" in printed and "tokens/s" in printed

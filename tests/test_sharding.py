@@ -8,6 +8,7 @@ rtol 1e-5 in the loss (measured: ~3e-7), gradients to 1e-5 of each tensor's larg
 (measured: ~5e-7).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -86,7 +87,7 @@ def test_param_spec(shape, fsdp, spec):
 
 
 def test_state_shardings_split_big_params_and_their_adam_moments():
-    cfg = worker.tiny_config("unused", "unused")
+    cfg = dataclasses.replace(worker.tiny_config("unused", "unused"), bias=True)  # biases stay whole
     model_cfg = cfg.model_config()
     optimizer = make_optimizer(cfg)
     abstract = jax.eval_shape(lambda k: _init_state(k, model_cfg, optimizer, 0), jax.random.PRNGKey(0))

@@ -126,7 +126,7 @@ def test_crafted_nanogpt_ckpt_is_refused_without_running_it(space, tmp_path, cap
 @pytest.mark.parametrize("change, expected", [
     ({"n_embd": 64}, "n_embd: checkpoint 32 vs config 64"),
     ({"n_layer": 2}, "n_layer: checkpoint 1 vs config 2"),
-    ({"bias": False}, "bias: checkpoint True vs config False"),
+    ({"bias": True}, "bias: checkpoint False vs config True"),
     ({"vocab_size": 80}, "vocab_size: checkpoint"),
 ])
 def test_resume_with_another_model_names_the_mismatch(space, reference, tmp_path, capsys, compilations,
