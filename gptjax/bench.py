@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import multiprocessing
+import os
 import shlex
 import sys
 import time
@@ -340,6 +341,10 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     """Parse `[CONFIG] [--key=value ...] [bench flags]`, time, print the table; returns the rows."""
     args, rest = _parser().parse_known_args(argv)
     cfg = config_lib.parse_args(rest)
+    if args.compare == "torch":
+        # The PyTorch rows run in a process of their own on the same GPU: JAX must not take 75% of
+        # its memory up front, as XLA does by default, or that process runs out of it.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if tune_cpu:
         tune_cpu_host(cfg)  # the gptjax row runs as `python -m gptjax.train` would
     name = args.name or next((a for a in rest if not a.startswith("--")), "default")
