@@ -25,6 +25,21 @@ import jax.numpy as jnp
 
 Dropout = Callable[..., jax.Array]  # an nn.Dropout: (x, deterministic=...) -> x
 
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def fused_attention_impl(dtype, head_size: int, device: jax.Device) -> str:
+    """The `implementation` of jax.nn.dot_product_attention that attention="auto" asks for off the
+    CPU: cuDNN's fused flash attention on an NVIDIA GPU where cuDNN takes the shapes (bfloat16 or
+    float16, head size a multiple of 8 up to 128, Ampere or newer), else XLA's. jax's own default
+    (implementation=None) is XLA's everywhere, which materialises the (B, N, T, T) scores."""
+    if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
+        return "xla"  # a CPU, TPU or ROCm device
+    major = int(device.compute_capability.split(".")[0])  # "9.0" on an H100
+    if major >= 8 and jnp.dtype(dtype) in CUDNN_DTYPES and head_size % 8 == 0 and head_size <= 128:
+        return "cudnn"
+    return "xla"
+
 
 def _softmax_probs(logits, mask, scale, dropout: Dropout | None, deterministic: bool):
     logits = jnp.where(mask, logits * scale, -jnp.inf)

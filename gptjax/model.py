@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import sharding
-from gptjax.attention import blocked_causal_attention, cached_attention, cpu_query_blocks, masked_attention
+from gptjax.attention import (
+    blocked_causal_attention, cached_attention, cpu_query_blocks, fused_attention_impl, masked_attention,
+)
 from gptjax.dense import dense_dot_general
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -45,7 +47,7 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     activation: str = "gelu"  # "gelu": exact erf (nanoGPT); "gelu_tanh": HF GPT-2's gelu_new
     layer_norm_eps: float = 1e-5
-    # "auto": jax.nn.dot_product_attention (cuDNN flash on GPU when it can); on CPU "blocked"
+    # "auto": cuDNN flash attention on a GPU that takes it, else XLA's; on CPU "blocked"
     # (causal attention in query blocks, gptjax.attention). "plain": the softmax written out.
     attention: str = "auto"
     remat: str = "none"  # rematerialise each block in the backward pass: "full" or "dots" (keep matmuls)
@@ -184,7 +186,9 @@ class CausalSelfAttention(nn.Module):
                 q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_TxT, attn_dropout, deterministic
             )
         else:
-            impl = None if cfg.attention == "auto" else cfg.attention
+            impl = cfg.attention
+            if impl == "auto":
+                impl = fused_attention_impl(q_BxTxNxH.dtype, H, jax.devices()[0])
             y_BxTxNxH = jax.nn.dot_product_attention(
                 q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True, implementation=impl
             )

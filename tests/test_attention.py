@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from gptjax.attention import blocked_causal_attention, cached_attention, cpu_query_blocks, masked_attention
+from gptjax.attention import (
+    blocked_causal_attention, cached_attention, cpu_query_blocks, fused_attention_impl, masked_attention,
+)
 from gptjax.model import GPT, GPTConfig, init_params
 
 
@@ -141,3 +143,48 @@ def test_model_uses_blocks_on_cpu_and_matches_plain_attention():
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def fake_device(platform="gpu", version="cuda 12080", capability="9.0"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(platform=platform, client=SimpleNamespace(platform_version=version),
+                           compute_capability=capability)
+
+
+@pytest.mark.parametrize("device, dtype, head_size, expected", [
+    (fake_device(), jnp.bfloat16, 64, "cudnn"),  # H100, GPT-2's heads
+    (fake_device(capability="8.0"), jnp.float16, 128, "cudnn"),  # A100
+    (fake_device(), jnp.float32, 64, "xla"),  # cuDNN's flash attention is bf16/fp16 only
+    (fake_device(), jnp.bfloat16, 12, "xla"),  # head size not a multiple of 8
+    (fake_device(), jnp.bfloat16, 256, "xla"),  # above what every cuDNN GPU takes
+    (fake_device(capability="7.0"), jnp.float16, 64, "xla"),  # V100: before Ampere
+    (fake_device(version="rocm 6.2"), jnp.bfloat16, 64, "xla"),  # an AMD GPU: no cuDNN
+    (fake_device(platform="tpu", version="PJRT C API"), jnp.bfloat16, 64, "xla"),
+])
+def test_fused_attention_impl_picks_cudnn_only_where_cudnn_takes_it(device, dtype, head_size, expected):
+    assert fused_attention_impl(dtype, head_size, device) == expected
+
+
+def test_auto_attention_off_the_cpu_asks_for_the_picked_kernel(monkeypatch):
+    """jax.nn.dot_product_attention's own default is XLA's attention everywhere: off the CPU,
+    attention='auto' passes the kernel fused_attention_impl picks for the layer's dtype."""
+    from gptjax import model as model_lib
+
+    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 50)
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kwargs)  # this host has no cuDNN
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(model_lib, "fused_attention_impl",
+                        lambda dtype, head_size, device: f"picked {jnp.dtype(dtype).name} {head_size}")
+    for dtype in ("bfloat16", "float32"):
+        GPT(dataclasses.replace(cfg, dtype=dtype)).apply({"params": params}, x)
+    assert asked == ["picked bfloat16 16"] * 2 + ["picked float32 16"] * 2
