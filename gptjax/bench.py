@@ -171,7 +171,7 @@ def _torch_setup(cfg: TrainConfig, device: str):
     torch.backends.cudnn.allow_tf32 = True
     if device == "cpu":
         return torch, contextlib.nullcontext()
-    return torch, torch.amp.autocast(device_type=device, dtype=getattr(torch, cfg.dtype))
+    return torch, torch.amp.autocast(device_type=device, dtype=getattr(torch, cfg.resolved_dtype))
 
 
 def torch_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile: bool, device: str = "cpu") -> Runner:
@@ -186,7 +186,7 @@ def torch_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, compile:
         block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
         n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device)
-    scaler = torch.amp.GradScaler(device, enabled=device == "cuda" and cfg.dtype == "float16")
+    scaler = torch.amp.GradScaler(device, enabled=device == "cuda" and cfg.resolved_dtype == "float16")
     forward = torch.compile(model) if compile else model
     x = torch.from_numpy(tokens[..., :-1].astype(np.int64)).to(device)
     y = torch.from_numpy(tokens[..., 1:].astype(np.int64)).to(device)

@@ -17,6 +17,22 @@ from typing import Any, Sequence
 
 from gptjax.model import GPTConfig
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def auto_dtype(device=None) -> str:
+    """The compute dtype nanoGPT's train.py picks for the device: bfloat16 where the hardware has it
+    (TPUs, NVIDIA GPUs from Ampere on, AMD GPUs), float16 on older NVIDIA GPUs (T4, V100), float32
+    on CPU."""
+    import jax
+
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return "float32"
+    capability = getattr(device, "compute_capability", None)  # NVIDIA only, e.g. "7.5" on a T4
+    if device.platform == "gpu" and capability is not None and int(capability.split(".")[0]) < 8:
+        return "float16"
+    return "bfloat16"
 
 
 def config_dirs() -> tuple[Path, ...]:
@@ -75,7 +91,8 @@ class TrainConfig:
     lr_decay_iters: int = 600000  # ~= max_iters per Chinchilla
     min_lr: float = 6e-5  # ~= learning_rate / 10 per Chinchilla
     # system
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (loss-scaled); params stay float32
+    dtype: str = "auto"  # compute: auto (auto_dtype: bfloat16 on accelerators, float32 on CPU) | float32 |
+    # bfloat16 | float16 (loss-scaled); parameters stay float32
     seed: int = 1337
     nonfinite: str = "stop"  # non-finite loss or grads: 'stop' the run, or 'skip' the update
     # devices: mesh axis sizes; -1 takes all remaining devices
@@ -99,8 +116,8 @@ class TrainConfig:
             errors.append(f"warmup_iters={self.warmup_iters} is larger than lr_decay_iters={self.lr_decay_iters}")
         if not 0 <= self.dropout < 1:
             errors.append(f"dropout={self.dropout} must be in [0, 1)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            errors.append(f"dtype={self.dtype!r} must be 'float32', 'bfloat16' or 'float16'")
+        if self.dtype not in DTYPES:
+            errors.append(f"dtype={self.dtype!r} must be one of {', '.join(map(repr, DTYPES))}")
         if self.nonfinite not in ("stop", "skip"):
             errors.append(f"nonfinite={self.nonfinite!r} must be 'stop' or 'skip'")
         if "://" in self.out_dir:
@@ -120,12 +137,17 @@ class TrainConfig:
     def tokens_per_iter(self) -> int:
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
 
+    @property
+    def resolved_dtype(self) -> str:
+        """The compute dtype: `dtype`, with 'auto' decided for this process's devices."""
+        return auto_dtype() if self.dtype == "auto" else self.dtype
+
     def model_config(self, vocab_size: int | None = None) -> GPTConfig:
         """The GPTConfig for this run; vocab_size comes from the dataset when the config has 0."""
         vocab = self.vocab_size or vocab_size or 50304
         return GPTConfig(
             block_size=self.block_size, vocab_size=vocab, n_layer=self.n_layer, n_head=self.n_head,
-            n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, dtype=self.dtype,
+            n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, dtype=self.resolved_dtype,
             activation=self.activation, attention=self.attention, remat=self.remat,
             scan_layers=self.scan_layers,
         )

@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from gptjax.config import DTYPES, auto_dtype
 from gptjax.generate import check_sampling, generate_stream
 
 SEPARATOR = "---------------"
@@ -136,15 +137,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the top tokens "
                    "whose probabilities add up to top_p")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="compute dtype (default: bfloat16 on an accelerator, float32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (auto: bfloat16 on an accelerator, float32 on CPU)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if args.dtype == "auto":
+        args.dtype = auto_dtype()
     try:
         if args.num_samples < 1 or args.max_new_tokens < 1:
             raise ValueError("--num_samples and --max_new_tokens must be at least 1")

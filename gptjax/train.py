@@ -100,8 +100,9 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
         # architecture its n_layer/n_embd/... keys never described. Those keys must still be the ones
         # the checkpointed run was given, so a changed --n_embd is refused rather than ignored.
         check_model_matches(meta.get("run") or meta["model"], cfg, str(checkpointer.directory / str(step)))
-        model_cfg = dataclasses.replace(GPTConfig(**meta["model"]), dropout=cfg.dropout, dtype=cfg.dtype,
-                                        attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers)
+        model_cfg = dataclasses.replace(GPTConfig(**meta["model"]), dropout=cfg.dropout,
+                                        dtype=cfg.resolved_dtype, attention=cfg.attention, remat=cfg.remat,
+                                        scan_layers=cfg.scan_layers)
         return model_cfg, None, meta
     from gptjax.convert import load_pretrained  # torch-free for HF safetensors
 
@@ -110,7 +111,7 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
         raise ValueError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s {model_cfg.block_size}")
     if cfg.block_size < model_cfg.block_size:
         params, model_cfg = crop_block_size(params, model_cfg, cfg.block_size)
-    model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout, dtype=cfg.dtype,
+    model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout, dtype=cfg.resolved_dtype,
                                     attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers)
     if cfg.scan_layers:
         params = stack_layers(params, model_cfg.n_layer)
@@ -164,8 +165,8 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     n_params = num_params(run.state.params)
     flops_per_iter = flops_per_token(run.model_cfg, n_params) * cfg.tokens_per_iter
     log = MetricsLogger(cfg, start, is_main=run.is_main, flops_per_iter=flops_per_iter)
-    log.info(f"{n_params / 1e6:.2f}M parameters (non-embedding); mesh {dict(run.mesh.shape)}; "
-             f"{cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start}")
+    log.info(f"{n_params / 1e6:.2f}M parameters (non-embedding); {run.model_cfg.dtype}; mesh "
+             f"{dict(run.mesh.shape)}; {cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start}")
     last: dict[str, Any] = {"iter": start}
     # The host thread gathers each batch and copies it to the devices ahead of the step.
     prefetch = data_lib.Prefetcher(lambda s: run.to_device(run.batch("train", s)), start,

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from gptjax import config as config_lib
 from gptjax.config import (TrainConfig, field_types, find_config_file, from_dict, load_config_file,
                            parse_args, parse_override)
 from gptjax.prepare import prepare_shakespeare_char
@@ -132,7 +133,7 @@ def test_trace_listener_sees_compilation(traced):
     (["--batch_size=0"], "batch_size=0 must be positive"),
     (["--dropout=1.0"], "dropout=1.0 must be in [0, 1)"),
     (["--out_dir=gs://bucket/run"], "out_dir='gs://bucket/run' is a URL, and cloud storage is not supported yet"),
-    (["--dtype=half"], "dtype='half' must be 'float32', 'bfloat16' or 'float16'"),
+    (["--dtype=half"], "dtype='half' must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
 ])
 def test_impossible_values_fail_in_one_line_before_compiling(args, message, traced, tmp_path, capsys):
     assert main(["shakespeare_char", f"--out_dir={tmp_path}", *args]) == 2
@@ -151,3 +152,32 @@ def test_help_lists_every_key():
     assert out.returncode == 0, out.stderr
     for name, default in dataclasses.asdict(TrainConfig()).items():
         assert f"--{name}={default!r}" in out.stdout, name
+
+
+def fake_device(platform, capability=None):
+    from types import SimpleNamespace
+
+    device = SimpleNamespace(platform=platform)
+    if capability is not None:
+        device.compute_capability = capability
+    return device
+
+
+@pytest.mark.parametrize("device, expected", [
+    (fake_device("cpu"), "float32"),
+    (fake_device("gpu", "9.0"), "bfloat16"),  # H100
+    (fake_device("gpu", "8.0"), "bfloat16"),  # A100
+    (fake_device("gpu", "7.5"), "float16"),  # T4: no bfloat16, so float16 with loss scaling
+    (fake_device("gpu", "7.0"), "float16"),  # V100
+    (fake_device("gpu"), "bfloat16"),  # an AMD GPU (no compute_capability)
+    (fake_device("tpu"), "bfloat16"),
+])
+def test_auto_dtype_is_what_nanogpt_picks_for_the_device(device, expected):
+    assert config_lib.auto_dtype(device) == expected
+
+
+def test_dtype_auto_resolves_for_this_host_and_explicit_dtypes_pass_through():
+    assert TrainConfig().dtype == "auto"
+    assert TrainConfig().resolved_dtype == TrainConfig().model_config(65).dtype == "float32"  # a CPU host
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert TrainConfig(dtype=dtype).model_config(65).dtype == dtype
