@@ -118,8 +118,8 @@ def test_logits_match_nanogpt(bias, tmp_path):
     assert rel_diff(logits(params, cfg, idx), ref.numpy()) < F32_TOL
 
 
-@pytest.mark.parametrize("T", [16, 64])
-def test_loss_and_gradients_match_nanogpt(T, tmp_path):
+@pytest.mark.parametrize("T, bias", [(16, True), (64, True), (64, False)])
+def test_loss_and_gradients_match_nanogpt(T, bias, tmp_path):
     """The backward pass (with gptjax.dense's CPU weight-gradient layout, and at T 64 the CPU's
     causal attention in 2 query blocks) against torch autograd through nanoGPT's model: the loss
     and every parameter's gradient, float32."""
@@ -128,7 +128,7 @@ def test_loss_and_gradients_match_nanogpt(T, tmp_path):
     from gptjax.convert import nanogpt_state_dict
     from gptjax.step import loss_fn
 
-    tc = torch_ref.GPTConfig(block_size=T, vocab_size=72, n_layer=2, n_head=4, n_embd=32, bias=True)
+    tc = torch_ref.GPTConfig(block_size=T, vocab_size=72, n_layer=2, n_head=4, n_embd=32, bias=bias)
     model = randomize_(torch_ref.GPT(tc), seed=3, std=0.1)
     torch.save({"model": model.state_dict(), "model_args": dataclasses.asdict(tc)}, tmp_path / "ckpt.pt")
     params, cfg = load_nanogpt(tmp_path / "ckpt.pt")
