@@ -167,12 +167,22 @@ def field_types() -> dict[str, type]:
     return {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
 
 
+# nanoGPT train.py keys that gptjax has no use for, with what to do instead: its README's commands
+# (e.g. the CPU recipe's --device=cpu --compile=False) are what users paste first.
+NANOGPT_ONLY_KEYS = {
+    "device": "JAX runs on the devices it finds; to force the CPU, set JAX_PLATFORMS=cpu",
+    "compile": "the train step is always compiled (jax.jit); drop it",
+    "backend": "devices and hosts communicate through jax.sharding; see docs/scaling.md for --dp/--fsdp",
+}
+
+
 def _check_keys(keys, source: str) -> None:
     valid = field_types()
     unknown = sorted(set(keys) - set(valid))
     if unknown:
+        hints = "".join(f"; nanoGPT's {k}: {NANOGPT_ONLY_KEYS[k]}" for k in unknown if k in NANOGPT_ONLY_KEYS)
         raise ValueError(
-            f"unknown config key(s) {unknown} in {source}; valid keys: {', '.join(sorted(valid))}"
+            f"unknown config key(s) {unknown} in {source}{hints}; valid keys: {', '.join(sorted(valid))}"
         )
 
 
@@ -237,6 +247,7 @@ def load_config_file(name: str) -> TrainConfig:
 def parse_args(argv: Sequence[str], base: TrainConfig | None = None) -> TrainConfig:
     """`[CONFIG] [--key=value ...]` -> TrainConfig. Overrides are applied after the config file."""
     config = base or TrainConfig()
+    _check_keys([a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a], "the command line")
     overrides = {}
     for arg in argv:
         if arg.startswith("--"):

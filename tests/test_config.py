@@ -64,6 +64,16 @@ def test_unknown_key_lists_the_valid_keys():
         from_dict({"colour": "red"}, source="run.json")
 
 
+def test_nanogpt_only_keys_say_what_to_do_instead():
+    """nanoGPT README's CPU command passes --device=cpu --compile=False: both are named at once,
+    each with what gptjax does instead."""
+    with pytest.raises(ValueError) as err:
+        parse_args(["shakespeare_char", "--device=cpu", "--compile=False", "--n_layer=2"])
+    message = str(err.value)
+    assert "unknown config key(s) ['compile', 'device']" in message
+    assert "JAX_PLATFORMS=cpu" in message and "always compiled" in message
+
+
 def test_config_file_by_name_and_by_path(tmp_path):
     by_name = parse_args(["shakespeare_char"])
     by_path = parse_args([str(ROOT / "configs" / "shakespeare_char.py")])
