@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable
 
 import jax
@@ -39,6 +40,20 @@ def fused_attention_impl(dtype, head_size: int, device: jax.Device) -> str:
     if major >= 8 and jnp.dtype(dtype) in CUDNN_DTYPES and head_size % 8 == 0 and head_size <= 128:
         return "cudnn"
     return "xla"
+
+
+def fused_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, implementation: str, fall_back: bool = False):
+    """Causal jax.nn.dot_product_attention. With fall_back (attention="auto"), a cuDNN that refuses
+    the call when it is traced (too old a version, or shapes its kernels do not take) leaves it to
+    XLA's attention, with a warning naming why, instead of failing the run."""
+    try:
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True,
+                                            implementation=implementation)
+    except (NotImplementedError, RuntimeError) as err:  # what jax's cuDNN checks raise
+        if not (fall_back and implementation == "cudnn"):
+            raise
+        warnings.warn(f"cuDNN attention is not available here ({err}); using XLA's attention instead")
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True, implementation="xla")
 
 
 def _softmax_probs(logits, mask, scale, dropout: Dropout | None, deterministic: bool):

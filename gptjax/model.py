@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from gptjax import sharding
 from gptjax.attention import (
-    blocked_causal_attention, cached_attention, cpu_query_blocks, fused_attention_impl, masked_attention,
+    blocked_causal_attention, cached_attention, cpu_query_blocks, fused_attention_impl, fused_causal_attention,
+    masked_attention,
 )
 from gptjax.dense import dense_dot_general
 
@@ -189,9 +190,8 @@ class CausalSelfAttention(nn.Module):
             impl = cfg.attention
             if impl == "auto":
                 impl = fused_attention_impl(q_BxTxNxH.dtype, H, jax.devices()[0])
-            y_BxTxNxH = jax.nn.dot_product_attention(
-                q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, is_causal=True, implementation=impl
-            )
+            y_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl,
+                                               fall_back=cfg.attention == "auto")
         y_BxTxC = y_BxTxNxH.reshape(B, T, C)
         y_BxTxC = _dense(C, cfg, _proj_std(cfg), "c_proj")(y_BxTxC)
         y_BxTxC = nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)

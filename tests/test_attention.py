@@ -188,3 +188,29 @@ def test_auto_attention_off_the_cpu_asks_for_the_picked_kernel(monkeypatch):
     for dtype in ("bfloat16", "float32"):
         GPT(dataclasses.replace(cfg, dtype=dtype)).apply({"params": params}, x)
     assert asked == ["picked bfloat16 16"] * 2 + ["picked float32 16"] * 2
+
+
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+    """attention='auto' picked cuDNN but jax's cuDNN checks refuse the call (as with too old a
+    cuDNN): the layer warns and computes XLA's attention. Asked for by name, the error stands."""
+    from gptjax import model as model_lib
+
+    cfg = GPTConfig(block_size=16, vocab_size=50, n_layer=1, n_head=2, n_embd=32, dtype="bfloat16")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    x = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 50)
+    want = GPT(dataclasses.replace(cfg, attention="xla")).apply({"params": params}, x)
+    real = jax.nn.dot_product_attention
+
+    def cudnn_refuses(*args, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            raise RuntimeError("JAX requires cuDNN >= 8.9.4 to use flash cross attention.")
+        return real(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_refuses)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(model_lib, "fused_attention_impl", lambda dtype, head_size, device: "cudnn")
+    with pytest.warns(UserWarning, match=r"cuDNN attention is not available here \(JAX requires cuDNN"):
+        got = GPT(cfg).apply({"params": params}, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(RuntimeError, match="requires cuDNN"):
+        GPT(dataclasses.replace(cfg, attention="cudnn")).apply({"params": params}, x)
