@@ -24,6 +24,11 @@ PY=${PYTHON:-python3}
 print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__, "torch", torch.__version__)
 print(jax.devices(), "torch cuda:", torch.cuda.is_available())'
 } 2>&1 | tee "$OUT/env.txt"
+# Stop at once (device time is scarce) if JAX runs on the CPU here: every row would be a CPU row.
+"$PY" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")' || {
+  echo "JAX sees no GPU on this machine (see env.txt): nothing to measure" >&2
+  exit 3
+}
 
 bench() {  # name, then the bench arguments
   local name=$1
