@@ -24,6 +24,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from gptjax.perf import cuda_major
+
 Dropout = Callable[..., jax.Array]  # an nn.Dropout: (x, deterministic=...) -> x
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -34,12 +36,10 @@ def fused_attention_impl(dtype, head_size: int, device: jax.Device) -> str:
     CPU: cuDNN's fused flash attention on an NVIDIA GPU where cuDNN takes the shapes (bfloat16 or
     float16, head size a multiple of 8 up to 128, Ampere or newer), else XLA's. jax's own default
     (implementation=None) is XLA's everywhere, which materialises the (B, N, T, T) scores."""
-    if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
-        return "xla"  # a CPU, TPU or ROCm device
-    major = int(device.compute_capability.split(".")[0])  # "9.0" on an H100
-    if major >= 8 and jnp.dtype(dtype) in CUDNN_DTYPES and head_size % 8 == 0 and head_size <= 128:
-        return "cudnn"
-    return "xla"
+    major = cuda_major(device)  # None off NVIDIA GPUs
+    cudnn_takes_it = (major is not None and major >= 8 and jnp.dtype(dtype) in CUDNN_DTYPES
+                      and head_size % 8 == 0 and head_size <= 128)
+    return "cudnn" if cudnn_takes_it else "xla"
 
 
 def fused_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, implementation: str, fall_back: bool = False):

@@ -15,7 +15,10 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+
 from gptjax.model import GPTConfig
+from gptjax.perf import cuda_major
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -24,15 +27,11 @@ def auto_dtype(device=None) -> str:
     """The compute dtype nanoGPT's train.py picks for the device: bfloat16 where the hardware has it
     (TPUs, NVIDIA GPUs from Ampere on, AMD GPUs), float16 on older NVIDIA GPUs (T4, V100), float32
     on CPU."""
-    import jax
-
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return "float32"
-    capability = getattr(device, "compute_capability", None)  # NVIDIA only, e.g. "7.5" on a T4
-    if device.platform == "gpu" and capability is not None and int(capability.split(".")[0]) < 8:
-        return "float16"
-    return "bfloat16"
+    major = cuda_major(device)
+    return "float16" if major is not None and major < 8 else "bfloat16"
 
 
 def config_dirs() -> tuple[Path, ...]:

@@ -35,6 +35,14 @@ PEAK_FLOPS_BF16 = {
 }
 
 
+def cuda_major(device) -> int | None:
+    """The major compute capability of an NVIDIA GPU (9 on an H100); None for any other device
+    (a CPU, a TPU, or an AMD GPU, which JAX also calls 'gpu')."""
+    if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
+        return None
+    return int(device.compute_capability.split(".")[0])
+
+
 def _known_peak(device_kind: str) -> float | None:
     kind = device_kind.lower()
     # Longest names first so that 'tpu v5 lite' wins over 'tpu v5'.

@@ -84,6 +84,12 @@ class Run:
         self.checkpointer.save(step, self.state, meta)
 
 
+def _with_run_settings(model_cfg: GPTConfig, cfg: TrainConfig) -> GPTConfig:
+    """A checkpoint's model with this run's settings that leave its weights as they are."""
+    return dataclasses.replace(model_cfg, dropout=cfg.dropout, dtype=cfg.resolved_dtype, attention=cfg.attention,
+                               remat=cfg.remat, scan_layers=cfg.scan_layers)
+
+
 def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: Checkpointer):
     """(model config, imported params or None, resume meta or None) for cfg.init_from."""
     if cfg.init_from == "scratch":
@@ -100,10 +106,7 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
         # architecture its n_layer/n_embd/... keys never described. Those keys must still be the ones
         # the checkpointed run was given, so a changed --n_embd is refused rather than ignored.
         check_model_matches(meta.get("run") or meta["model"], cfg, str(checkpointer.directory / str(step)))
-        model_cfg = dataclasses.replace(GPTConfig(**meta["model"]), dropout=cfg.dropout,
-                                        dtype=cfg.resolved_dtype, attention=cfg.attention, remat=cfg.remat,
-                                        scan_layers=cfg.scan_layers)
-        return model_cfg, None, meta
+        return _with_run_settings(GPTConfig(**meta["model"]), cfg), None, meta
     from gptjax.convert import load_pretrained  # torch-free for HF safetensors
 
     params, model_cfg = load_pretrained(cfg.init_from)
@@ -111,8 +114,7 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
         raise ValueError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s {model_cfg.block_size}")
     if cfg.block_size < model_cfg.block_size:
         params, model_cfg = crop_block_size(params, model_cfg, cfg.block_size)
-    model_cfg = dataclasses.replace(model_cfg, dropout=cfg.dropout, dtype=cfg.resolved_dtype,
-                                    attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers)
+    model_cfg = _with_run_settings(model_cfg, cfg)
     if cfg.scan_layers:
         params = stack_layers(params, model_cfg.n_layer)
     return model_cfg, params, None

@@ -146,6 +146,7 @@ def test_model_uses_blocks_on_cpu_and_matches_plain_attention():
 
 
 def fake_device(platform="gpu", version="cuda 12080", capability="9.0"):
+    """A jax device as gptjax reads it: an H100 unless told otherwise."""
     from types import SimpleNamespace
 
     return SimpleNamespace(platform=platform, client=SimpleNamespace(platform_version=version),

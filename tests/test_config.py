@@ -15,6 +15,7 @@ from gptjax.config import (TrainConfig, field_types, find_config_file, from_dict
                            parse_args, parse_override)
 from gptjax.prepare import prepare_shakespeare_char
 from gptjax.train import main, setup
+from test_attention import fake_device  # an accelerator as the device tables see it
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -164,23 +165,14 @@ def test_help_lists_every_key():
         assert f"--{name}={default!r}" in out.stdout, name
 
 
-def fake_device(platform, capability=None):
-    from types import SimpleNamespace
-
-    device = SimpleNamespace(platform=platform)
-    if capability is not None:
-        device.compute_capability = capability
-    return device
-
-
 @pytest.mark.parametrize("device, expected", [
-    (fake_device("cpu"), "float32"),
-    (fake_device("gpu", "9.0"), "bfloat16"),  # H100
-    (fake_device("gpu", "8.0"), "bfloat16"),  # A100
-    (fake_device("gpu", "7.5"), "float16"),  # T4: no bfloat16, so float16 with loss scaling
-    (fake_device("gpu", "7.0"), "float16"),  # V100
-    (fake_device("gpu"), "bfloat16"),  # an AMD GPU (no compute_capability)
-    (fake_device("tpu"), "bfloat16"),
+    (fake_device("cpu", version="cpu"), "float32"),
+    (fake_device(capability="9.0"), "bfloat16"),  # H100
+    (fake_device(capability="8.0"), "bfloat16"),  # A100
+    (fake_device(capability="7.5"), "float16"),  # T4: no bfloat16, so float16 with loss scaling
+    (fake_device(capability="7.0"), "float16"),  # V100
+    (fake_device(version="rocm 6.2"), "bfloat16"),  # an AMD GPU
+    (fake_device(platform="tpu", version="PJRT C API"), "bfloat16"),
 ])
 def test_auto_dtype_is_what_nanogpt_picks_for_the_device(device, expected):
     assert config_lib.auto_dtype(device) == expected
