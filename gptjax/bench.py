@@ -323,7 +323,8 @@ def format_table(rows: Sequence[Row]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gptjax.bench", description=__doc__,
                                      epilog=config_lib.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round, after warm-up")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="timed steps per round, after warm-up (0: no train-step rows, only --sample's)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
     parser.add_argument("--compare", choices=["torch"], help="also time nanoGPT's PyTorch model")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row")
@@ -341,6 +342,11 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     """Parse `[CONFIG] [--key=value ...] [bench flags]`, time, print the table; returns the rows."""
     args, rest = _parser().parse_known_args(argv)
     cfg = config_lib.parse_args(rest)
+    if args.steps < 0 or args.rounds < 1:
+        raise ValueError(f"--steps={args.steps} --rounds={args.rounds}: give --steps >= 0 and --rounds >= 1")
+    if args.steps == 0 and (not args.sample or args.vs or args.profile):
+        raise ValueError("--steps=0 times no train step: it is for sampling alone (give --sample=N; "
+                         "--vs and --profile time train steps)")
     if args.compare == "torch":
         # The PyTorch rows run in a process of their own on the same GPU: JAX must not take 75% of
         # its memory up front, as XLA does by default, or that process runs out of it.
@@ -349,21 +355,7 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         tune_cpu_host(cfg)  # the gptjax row runs as `python -m gptjax.train` would
     name = args.name or next((a for a in rest if not a.startswith("--")), "default")
     vocab_size = cfg.vocab_size or _dataset_vocab(cfg) or 50304
-    tokens = _batch_tokens(cfg, vocab_size, args.real_data)
-    runners = [gptjax_runner(cfg, tokens, vocab_size, args.profile)]
-    try:
-        for overrides in args.vs:
-            runners.append(dataclasses.replace(
-                gptjax_runner(_variant(cfg, rest, overrides), tokens, vocab_size), variant=overrides))
-        if args.compare == "torch":
-            device = torch_device()
-            runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False, device=device))
-            if not args.no_torch_compile:
-                runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=True, device=device))
-        rows = measure(runners, cfg, name, args.steps, args.rounds)
-    finally:
-        for runner in runners:
-            runner.close()
+    rows = [] if args.steps == 0 else _train_rows(args, cfg, rest, name, vocab_size)
     if args.sample:
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch")
     peak, source = device_peak_flops()
@@ -374,6 +366,26 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
             json.dump({"device": jax.devices()[0].device_kind, "peak_flops": peak,
                        "rows": [r.as_dict() for r in rows]}, f, indent=2)
     return rows
+
+
+def _train_rows(args: argparse.Namespace, cfg: TrainConfig, argv: Sequence[str], name: str,
+                vocab_size: int) -> list[Row]:
+    """The train-step rows: gptjax, its --vs variants and PyTorch's, in alternating rounds."""
+    tokens = _batch_tokens(cfg, vocab_size, args.real_data)
+    runners = [gptjax_runner(cfg, tokens, vocab_size, args.profile)]
+    try:
+        for overrides in args.vs:
+            runners.append(dataclasses.replace(
+                gptjax_runner(_variant(cfg, argv, overrides), tokens, vocab_size), variant=overrides))
+        if args.compare == "torch":
+            device = torch_device()
+            runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False, device=device))
+            if not args.no_torch_compile:
+                runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=True, device=device))
+        return measure(runners, cfg, name, args.steps, args.rounds)
+    finally:
+        for runner in runners:
+            runner.close()
 
 
 def _variant(cfg: TrainConfig, argv: Sequence[str], overrides: str) -> TrainConfig:

@@ -39,6 +39,32 @@ def test_bench_json_rows_against_torch(tmp_path, capsys, monkeypatch):
     assert "gptjax / torch:" in printed and "tokens/s" in printed
 
 
+def test_bench_sampling_rows_alone_against_torch(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "sample.json"
+    rows = bench.run(TINY + ["--steps=0", "--sample=12", "--compare=torch", "--name=tiny", f"--json={out}"])
+    payload = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in payload] == [r.impl for r in rows] == [
+        "gptjax-sample-cache", "gptjax-sample-recompute", "torch-sample-recompute"]
+    for row in payload:
+        # tokens/s of generated tokens; ms/iter is the time per generated token
+        assert row["tokens_per_s"] > 0 and row["tokens_per_s"] == pytest.approx(1e3 / row["ms_per_iter"], rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "gptjax-sample-cache / torch-sample-recompute:" in printed
+    assert "gptjax-sample-cache / gptjax-sample-recompute:" in printed
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--steps=0"], "--steps=0 times no train step"),
+    (["--steps=0", "--sample=4", "--vs=--attention=plain"], "--steps=0 times no train step"),
+    (["--steps=-1"], "give --steps >= 0"),
+    (["--rounds=0"], "--rounds >= 1"),
+])
+def test_bench_rejects_counts_that_time_nothing(capsys, flags, problem):
+    assert bench.main(TINY + flags) == 2
+    assert problem in capsys.readouterr().err
+
+
 def test_bench_times_variants_in_the_same_rounds(capsys):
     rows = bench.run(TINY + ["--steps=1", "--rounds=2", "--name=tiny", "--vs=--attention=plain",
                              "--vs=--remat=full --dtype=bfloat16"])
