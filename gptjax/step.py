@@ -155,7 +155,7 @@ def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Cal
         loss, grads = _flat_all_reduce_grads(mesh, state.params, x_AxBxT, y_AxBxT, model, scale)
     else:
         loss, grads = _accumulated_grads(state.params, x_AxBxT, y_AxBxT, step_key, model, scale)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     loss_finite, grads_finite = jnp.isfinite(loss), jnp.isfinite(grad_norm)
     finite = loss_finite & grads_finite
     nonfinite = ~finite if scale is None else ~loss_finite
