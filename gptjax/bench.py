@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from gptjax import config as config_lib
 from gptjax import sharding
@@ -95,9 +96,13 @@ def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int
     """Time the runners in alternating rounds of n_steps and keep each one's median step time:
     on a shared machine the load drifts, and interleaving makes the ratios fair."""
     times: list[list[float]] = [[] for _ in runners]
-    for _ in range(rounds):
-        for r, r_times in zip(runners, times):
-            r_times.append(r.run(n_steps) / n_steps)
+    with tqdm(total=rounds * len(runners), desc="timing", unit="round", file=sys.stderr) as bar:
+        for _ in range(rounds):
+            for r, r_times in zip(runners, times):
+                r_times.append(r.run(n_steps) / n_steps)
+                bar.set_postfix_str(f"{r.impl}{' ' + r.variant if r.variant else ''}: "
+                                    f"{r_times[-1] * 1e3:.1f} ms/iter", refresh=False)
+                bar.update()
     rows = []
     for r, r_times in zip(runners, times):
         dt = float(np.median(r_times))
@@ -133,6 +138,11 @@ def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile
             for _ in range(3):
                 step()
     return Runner("gptjax", functools.partial(_timed, step), flops, compile_s)
+
+
+def say(message: str) -> None:
+    """What the benchmark is doing now, on stderr (the table goes to stdout)."""
+    tqdm.write(message, file=sys.stderr)
 
 
 def _timed(step: Callable[[], None], n: int) -> float:
@@ -219,6 +229,7 @@ def torch_process_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, 
     nanoGPT would, in a process of their own: without gptjax's malloc settings
     (perf.keep_freed_memory), and without PyTorch's OpenMP threads, which busy-wait after each
     parallel region, taking cores from XLA's steps in between (on 2 cores that cost gptjax ~15%)."""
+    say(f"starting PyTorch ({'torch.compile' if compile else 'eager'}) on {device}")
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX threads, no mallopt
     conn, child_conn = ctx.Pipe()
     proc = ctx.Process(target=_torch_worker, args=(child_conn, cfg, tokens, vocab_size, compile, device),
@@ -261,7 +272,7 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
 
     model_cfg = cfg.model_config(vocab_size)
     params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
-    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1)
+    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1, progress=say)
     rows = [
         Row("gptjax-sample-cache", name, 1e3 / result["cache_tokens_per_s"], result["cache_tokens_per_s"],
             float("nan"), result.get("cache_compile_s", float("nan"))),
@@ -278,10 +289,16 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
             block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval().to(device)
         idx = torch.zeros((1, 1), dtype=torch.long, device=device)
-        with autocast:
+        say(f"sampling {new_tokens} tokens: PyTorch (nanoGPT's generate, full recomputation)")
+        with autocast, tqdm(total=new_tokens, desc="torch recompute", unit="tok", file=sys.stderr) as bar:
             model.generate(idx, 8)  # warm-up
             start = time.perf_counter()
-            model.generate(idx, new_tokens, top_k=200)
+            # in chunks for the progress bar: generate continues from the context it is given, so
+            # this samples as one call would
+            while bar.n < new_tokens:
+                chunk = min(max(new_tokens // 20, 1), new_tokens - bar.n)
+                idx = model.generate(idx, chunk, top_k=200)
+                bar.update(chunk)
             if device == "cuda":
                 torch.cuda.synchronize()
         dt = (time.perf_counter() - start) / new_tokens
@@ -372,9 +389,11 @@ def _train_rows(args: argparse.Namespace, cfg: TrainConfig, argv: Sequence[str],
                 vocab_size: int) -> list[Row]:
     """The train-step rows: gptjax, its --vs variants and PyTorch's, in alternating rounds."""
     tokens = _batch_tokens(cfg, vocab_size, args.real_data)
+    say(f"compiling gptjax's train step ({cfg.resolved_dtype})")
     runners = [gptjax_runner(cfg, tokens, vocab_size, args.profile)]
     try:
         for overrides in args.vs:
+            say(f"compiling gptjax's train step with {overrides}")
             runners.append(dataclasses.replace(
                 gptjax_runner(_variant(cfg, argv, overrides), tokens, vocab_size), variant=overrides))
         if args.compare == "torch":

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from tqdm.auto import tqdm
 
 from gptjax.model import GPT, GPTConfig, init_cache, init_params, unstack_layers
 
@@ -342,17 +344,18 @@ def _bucket_width(L: int, bucket: int, block_size: int) -> int:
 def generate_recompute(
     params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, vocab_limit: int | None = None,
-    bucket: int = 16,
+    bucket: int = 16, progress: bool = False,
 ) -> np.ndarray:
     """nanoGPT's generate, the reference: every token from a full forward (no cache) over the
     context cropped to its last block_size tokens, one jitted call per token. Equal-length prompts
     only. The context is right-padded to a multiple of `bucket` so only ~block_size/bucket shapes
-    compile; causal attention keeps the padding from reaching the last real token."""
+    compile; causal attention keeps the padding from reaching the last real token. progress: a
+    progress bar on stderr."""
     _, _, sampling = _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit, None)
     params, cfg = _per_layer(params, cfg)
     ctx_BxT = np.asarray(prompt_tokens, np.int32)  # uncropped, as nanoGPT's idx
     T0 = ctx_BxT.shape[1]
-    for t in range(max_new_tokens):
+    for t in tqdm(range(max_new_tokens), desc="gptjax recompute", unit="tok", disable=not progress, file=sys.stderr):
         cond_BxL = ctx_BxT[:, -cfg.block_size:]
         L = cond_BxL.shape[1]
         win_BxW = np.pad(cond_BxL, ((0, 0), (0, _bucket_width(L, bucket, cfg.block_size) - L)))
@@ -362,32 +365,39 @@ def generate_recompute(
 
 
 def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
-                       temperature: float = 0.8, top_k: int | None = 200, bucket: int = 16) -> dict:
+                       temperature: float = 0.8, top_k: int | None = 200, bucket: int = 16,
+                       progress: Callable[[str], None] | None = None) -> dict:
     """Tokens/s of `generate` (KV cache) and `generate_recompute` (nanoGPT) after compiling both
-    (compile seconds reported apart). params=None: random weights (speed does not depend on them)."""
+    (compile seconds reported apart). params=None: random weights (speed does not depend on them).
+    progress: called with a line naming each phase, which also turns on progress bars."""
+    say = progress or (lambda message: None)
     params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
     params, cfg = _per_layer(params, cfg)
     prompt_BxT = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, cfg.vocab_size))
     key = jax.random.PRNGKey(2)
     kw = dict(temperature=temperature, top_k=top_k)
 
+    say(f"sampling {new_tokens} tokens: compiling gptjax's KV-cache loop and nanoGPT's recomputation")
     t0 = time.perf_counter()  # compile: the cached loop, run for one token
     next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=1, **kw))
     cache_compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()  # the reference: once per context width it will meet
     _, _, sampling = _check(cfg, prompt_BxT, new_tokens, temperature, top_k, None, None, None)
     prompt_len = min(prompt_len, cfg.block_size)
-    for W in sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
-                     for t in range(new_tokens)}):
+    widths = sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
+                     for t in range(new_tokens)})
+    for W in tqdm(widths, desc="compiling recompute widths", disable=progress is None, file=sys.stderr):
         ctx_BxW = np.zeros((batch, W), np.int32)
         jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, cfg=cfg))
     recompute_compile_s = time.perf_counter() - t0
 
+    say(f"sampling {new_tokens} tokens: gptjax KV cache (one compiled loop)")
     t0 = time.perf_counter()
     jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, **kw))
     cache_s = time.perf_counter() - t0
+    say(f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)")
     t0 = time.perf_counter()
-    generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, **kw)
+    generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress is not None, **kw)
     recompute_s = time.perf_counter() - t0
     n = batch * new_tokens
     return dict(

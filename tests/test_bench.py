@@ -49,9 +49,13 @@ def test_bench_sampling_rows_alone_against_torch(tmp_path, capsys):
     for row in payload:
         # tokens/s of generated tokens; ms/iter is the time per generated token
         assert row["tokens_per_s"] > 0 and row["tokens_per_s"] == pytest.approx(1e3 / row["ms_per_iter"], rel=1e-6)
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
     assert "gptjax-sample-cache / torch-sample-recompute:" in printed
     assert "gptjax-sample-cache / gptjax-sample-recompute:" in printed
+    # each phase is named on stderr, and the token-by-token loops show a progress bar
+    for phase in ("gptjax KV cache", "gptjax full recomputation", "PyTorch (nanoGPT's generate"):
+        assert f"sampling 12 tokens: {phase}" in progress
+    assert "12/12" in progress and "torch recompute" in progress
 
 
 @pytest.mark.parametrize("flags, problem", [
@@ -72,7 +76,9 @@ def test_bench_times_variants_in_the_same_rounds(capsys):
         ("gptjax", "tiny", ""), ("gptjax", "tiny", "--attention=plain"),
         ("gptjax", "tiny", "--remat=full --dtype=bfloat16")]
     assert all(r.ms_per_iter > 0 for r in rows)
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
+    assert "compiling gptjax's train step with --attention=plain" in progress
+    assert "timing" in progress and "6/6" in progress  # 2 rounds of 3 rows
     assert "gptjax / gptjax --attention=plain:" in printed
     assert "gptjax / gptjax --remat=full --dtype=bfloat16:" in printed
 
