@@ -148,13 +148,35 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
 
 
 def check_model_matches(saved: dict[str, Any], current: GPTConfig, source: str) -> None:
-    """A checkpoint's model config must equal the run's in every field that shapes parameters."""
+    """A checkpoint's model config must equal the run's in every field that shapes parameters, and
+    in the activation, which the weights were trained with (absent from older checkpoints: skipped)."""
     shape_fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "scan_layers")
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(current, k)!r}"
              for k in shape_fields if saved.get(k) != getattr(current, k)]
+    if "activation" in saved and saved["activation"] != current.activation:
+        diffs.append(f"activation: checkpoint {saved['activation']!r} vs config {current.activation!r}")
     if diffs:
         raise ValueError(f"checkpoint {source} was written for a different model ({'; '.join(diffs)}); "
                          "pass matching --key=value overrides or another out_dir")
+
+
+def check_state_matches(meta: dict[str, Any], cfg, source: str) -> None:
+    """Settings that change the layout of a train state, so that a checkpoint written under the other
+    setting cannot be restored: gradient clipping on or off (a stage of the optimizer's state), and
+    float16 or not (float16 carries a loss scale). `cfg`: the resuming run's TrainConfig."""
+    run = meta.get("run") or {}
+    problems = []
+    if "grad_clip" in run and (run["grad_clip"] > 0) != (cfg.grad_clip > 0):
+        problems.append(f"it was trained with grad_clip={run['grad_clip']} and this run has grad_clip={cfg.grad_clip} "
+                        "(clipping on or off changes the optimizer state): resume with "
+                        + (f"--grad_clip={run['grad_clip']}" if run["grad_clip"] > 0 else "--grad_clip=0.0"))
+    saved_fp16, fp16 = meta["model"].get("dtype") == "float16", cfg.resolved_dtype == "float16"
+    if saved_fp16 != fp16:
+        problems.append(f"it was trained in {meta['model'].get('dtype')} and this run computes in {cfg.resolved_dtype} "
+                        "(float16 runs carry a loss scale in their state): resume with "
+                        + ("--dtype=float16" if saved_fp16 else f"--dtype={meta['model'].get('dtype')}"))
+    if problems:
+        raise ValueError(f"cannot resume from checkpoint {source}: {'; '.join(problems)}")
 
 
 def load_inference(out_dir: str | os.PathLike, step: int | None = None):
@@ -176,16 +198,23 @@ def load_inference(out_dir: str | os.PathLike, step: int | None = None):
 
     abstract_params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    handler = ocp.PyTreeCheckpointer()
-    params = handler.restore(
-        directory / str(step) / "state",
-        args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args={"params": restore_args},
-            partial_restore=True,
-        ),
-    )["params"]
-    ckpt.close()
+    try:
+        params = ocp.PyTreeCheckpointer().restore(
+            directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params},
+                restore_args={"params": restore_args},
+                partial_restore=True,
+            ),
+        )["params"]
+    except Exception as err:  # tensorstore raises bare Exceptions for unreadable data
+        older = [s for s in ckpt.manager.all_steps() if s < step]
+        fallback = (f"; the older checkpoint {max(older)} is still there: move {directory / str(step)} "
+                    "away to sample from it" if older else "")
+        raise ValueError(f"cannot read the parameters of checkpoint {directory / str(step)}: it is corrupt "
+                         f"or incomplete ({_first_line(err)}){fallback}") from err
+    finally:
+        ckpt.close()
     if cfg.scan_layers:  # decoding and export want GPT-2's per-layer layout
         params, cfg = unstack_layers(params), dataclasses.replace(cfg, scan_layers=False)
     return params, cfg, meta["run"]

@@ -99,6 +99,7 @@ class TrainConfig:
     fsdp: int = 1
 
     def __post_init__(self):
+        _check_types(self)
         errors = []
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
                     "batch_size", "block_size", "n_layer", "n_head", "n_embd", "keep_checkpoints")
@@ -185,6 +186,20 @@ def _check_keys(keys, source: str) -> None:
         )
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """Every field of its declared type (an int where a float is declared is made a float), so a
+    config file's mistakes are named like a command line's."""
+    wrong = []
+    for name, want in field_types().items():
+        value = getattr(cfg, name)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, name, float(value))  # frozen: the one place a field is rewritten
+        elif type(value) is not want:
+            wrong.append(f"{name}={value!r} must be {want.__name__}, not {type(value).__name__}")
+    if wrong:
+        raise TypeError("invalid config: " + "; ".join(wrong))
+
+
 def _coerce(key: str, value: Any, source: str) -> Any:
     want = field_types()[key]
     if want is float and isinstance(value, int) and not isinstance(value, bool):
@@ -225,6 +240,8 @@ def find_config_file(name: str) -> Path:
     path = Path(name)
     if path.suffix == ".py" and path.exists():
         return path
+    if len(path.parts) > 1:  # a path: never silently replaced by the shipped config of that name
+        raise FileNotFoundError(f"config file {name} does not exist (relative paths start from {Path.cwd()})")
     for folder in config_dirs():
         candidate = folder / f"{path.stem}.py"
         if candidate.exists():
@@ -240,13 +257,25 @@ def load_config_file(name: str) -> TrainConfig:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} must define get_config() returning a TrainConfig")
-    return module.get_config()
+    try:
+        config = module.get_config()
+    except (TypeError, ValueError) as err:  # wrong types, bad values, unknown keyword arguments
+        hint = (f"; valid keys: {', '.join(sorted(field_types()))}" if "unexpected keyword" in str(err) else "")
+        raise type(err)(f"config file {path}: {err}{hint}") from None
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config file {path}: get_config() returned a {type(config).__name__}, not a TrainConfig "
+                        "(return TrainConfig(key=value, ...))")
+    return config
 
 
 def parse_args(argv: Sequence[str], base: TrainConfig | None = None) -> TrainConfig:
     """`[CONFIG] [--key=value ...]` -> TrainConfig. Overrides are applied after the config file."""
     config = base or TrainConfig()
     _check_keys([a[2:].split("=", 1)[0] for a in argv if a.startswith("--") and "=" in a], "the command line")
+    files = [a for a in argv if not a.startswith("--")]
+    if len(files) > 1:
+        raise ValueError(f"give one config file, got {files}: a config file sets every key, so a second "
+                         "would replace the first; put the rest in --key=value overrides")
     overrides = {}
     for arg in argv:
         if arg.startswith("--"):

@@ -187,7 +187,7 @@ def _hub_download(name: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=HUB_FILES))
     except Exception as e:  # offline mode, DNS, HTTP, ...: all mean "no weights from the hub"
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); when offline, pass a local directory "
             "holding config.json and model.safetensors (or pytorch_model.bin) instead"

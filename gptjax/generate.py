@@ -239,8 +239,8 @@ def _per_layer(params, cfg: GPTConfig):
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
     """Validate the sampling settings; `prefix` ('--' for the CLI) names them as the caller spells them."""
-    if temperature < 0:
-        raise ValueError(f"{prefix}temperature={temperature} must be >= 0 (0 is greedy)")
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"{prefix}temperature={temperature} must be a number >= 0 (0 is greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"{prefix}top_k={top_k} must be >= 1 (or no top-k filter)")
     if top_p is not None and not 0 < top_p <= 1:
@@ -256,7 +256,8 @@ def _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_
                          f"got {prompt_BxT.dtype} of shape {prompt_BxT.shape}")
     B, T = prompt_BxT.shape
     len_B = np.full((B,), T) if prompt_lengths is None else np.asarray(prompt_lengths).reshape(-1)
-    if len_B.shape != (B,) or len_B.min() < 1 or len_B.max() > T:
+    if (len_B.shape != (B,) or not np.issubdtype(len_B.dtype, np.integer) or len_B.min() < 1
+            or len_B.max() > T):
         raise ValueError(f"prompt_lengths must hold {B} lengths in [1, {T}], got {prompt_lengths}")
     real = prompt_BxT[np.arange(T)[None] >= (T - len_B)[:, None]]  # the tokens left of the padding
     if real.min() < 0 or real.max() >= cfg.vocab_size:
@@ -292,6 +293,8 @@ def generate_stream(
                                          vocab_limit, prompt_lengths, stop_token)
     if not isinstance(key_bucket, int) or key_bucket < 0:
         raise ValueError(f"key_bucket={key_bucket!r}: give a whole number of cache rows >= 0 (0 reads the whole cache)")
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: give a whole number of tokens >= 1")
     params, cfg = _per_layer(params, cfg)
     stop = -1 if stop_token is None else stop_token
     state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop)

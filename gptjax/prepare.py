@@ -44,7 +44,7 @@ def prepare_command(dataset: str, data_dir: PathLike) -> str:
     return f"python -m gptjax.prepare text --input FILE [FILE ...] --out {data_dir}"
 
 
-def _write(path: Path, ids: Sequence[int] | np.ndarray | bytes) -> None:
+def write_file(path: Path, ids: Sequence[int] | np.ndarray | bytes) -> None:
     # write then rename, so an interrupted prepare never leaves a truncated file that looks valid
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     if isinstance(ids, bytes):
@@ -77,9 +77,9 @@ def prepare_shakespeare_char(text: str, out_dir: PathLike) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # meta first: bins without their meta would be read as GPT-2 ids by the trainer
-    _write(out / "meta.pkl", pickle.dumps({"vocab_size": len(chars), "itos": itos, "stoi": stoi}))
-    _write(out / "val.bin", [stoi[c] for c in val_text])
-    _write(out / "train.bin", [stoi[c] for c in train_text])
+    write_file(out / "meta.pkl", pickle.dumps({"vocab_size": len(chars), "itos": itos, "stoi": stoi}))
+    write_file(out / "val.bin", [stoi[c] for c in val_text])
+    write_file(out / "train.bin", [stoi[c] for c in train_text])
     return _summary(out, len(train_text), len(val_text), len(chars), characters=len(text))
 
 
@@ -87,8 +87,8 @@ def _write_bpe(out: Path, train_ids: list[int], val_ids: list[int], **extra: Any
     out.mkdir(parents=True, exist_ok=True)
     # a meta.pkl left from a character-level run would make the trainer use its tiny vocabulary
     (out / "meta.pkl").unlink(missing_ok=True)
-    _write(out / "val.bin", val_ids)
-    _write(out / "train.bin", train_ids)
+    write_file(out / "val.bin", val_ids)
+    write_file(out / "train.bin", train_ids)
     return _summary(out, len(train_ids), len(val_ids), _gpt2().n_vocab, **extra)
 
 
@@ -145,19 +145,28 @@ def prepare_openwebtext(
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.pkl").unlink(missing_ok=True)  # as _write_bpe: no character vocabulary for BPE ids
     counts = {}
     for split, dset in tokenized.items():
         arr_len = np.sum(dset["len"], dtype=np.uint64)
         filename = out / f"{split}.bin"
-        arr = np.memmap(filename, dtype=np.uint16, mode="w+", shape=(arr_len,))  # eot 50256 < 2**16
-        total_batches, idx = 1024, 0
-        for batch_idx in tqdm(range(total_batches), desc=f"writing {filename}"):
-            # batch samples together for a faster write
-            batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True).with_format("numpy")
-            arr_batch = np.concatenate(batch["ids"])
-            arr[idx : idx + len(arr_batch)] = arr_batch
-            idx += len(arr_batch)
-        arr.flush()
+        # filled under a temporary name and renamed when complete, as write_file: an interrupted
+        # prepare must not leave a full-size file whose unwritten tail reads as token 0
+        tmp = filename.with_name(f"{filename.name}.tmp{os.getpid()}")
+        try:
+            arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(arr_len,))  # eot 50256 < 2**16
+            total_batches, idx = 1024, 0
+            for batch_idx in tqdm(range(total_batches), desc=f"writing {filename}"):
+                # batch samples together for a faster write
+                batch = dset.shard(num_shards=total_batches, index=batch_idx, contiguous=True).with_format("numpy")
+                arr_batch = np.concatenate(batch["ids"])
+                arr[idx : idx + len(arr_batch)] = arr_batch
+                idx += len(arr_batch)
+            arr.flush()
+            del arr
+            os.replace(tmp, filename)
+        finally:
+            tmp.unlink(missing_ok=True)
         counts[split] = int(arr_len)
     return _summary(out, counts["train"], counts["val"], _gpt2().n_vocab)
 
@@ -201,7 +210,8 @@ def ensure_dataset(dataset: str, data_dir: PathLike, input_path: PathLike | None
     try:
         text = read_shakespeare(input_path, out_dir=data_dir)
     except ConnectionError as e:
-        raise ConnectionError(f"{e}, e.g. `{prepare_command(dataset, data_dir)}`") from e
+        raise ConnectionError(f"{e}, e.g. `{prepare_command(dataset, data_dir)}`, or to gptjax.train "
+                              "--data_input=PATH") from e
     return writers[dataset](text, data_dir)
 
 

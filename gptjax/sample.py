@@ -39,9 +39,19 @@ def load_model(init_from: str, out_dir: str, dtype: str):
         from gptjax import checkpoint, data
 
         params, cfg, run_config = checkpoint.load_inference(out_dir)
-        # as training resolved it: an empty data_dir means data/<dataset>
+        # the run's own copy of its vocabulary (since session 7), else the dataset's as training
+        # resolved it (an empty data_dir means data/<dataset>)
         data_dir = run_config.get("data_dir") or os.path.join("data", run_config.get("dataset", ""))
-        meta = data.load_meta(data_dir)
+        meta = data.load_meta(out_dir)
+        if meta is None:
+            meta = data.load_meta(data_dir)
+            # training took vocab_size from meta.pkl unless given one: then they must agree
+            if meta is not None and (meta["vocab_size"] > cfg.vocab_size
+                                     or (not run_config.get("vocab_size") and meta["vocab_size"] != cfg.vocab_size)):
+                raise ValueError(
+                    f"{data_dir}/meta.pkl has {meta['vocab_size']} characters but the model in {out_dir} was "
+                    f"trained on {cfg.vocab_size}: the dataset was prepared again from another text since; "
+                    "prepare it from the text the model was trained on, or run from the directory training ran in")
         if meta is None and cfg.vocab_size < 50257:
             raise FileNotFoundError(
                 f"the model in {out_dir} has a {cfg.vocab_size}-token vocabulary but {data_dir}/meta.pkl "
@@ -95,7 +105,11 @@ def read_start(start: str) -> str:
         path = Path(start[len("FILE:"):])
         if not path.is_file():
             raise FileNotFoundError(f"--start names {str(path)!r}, which is not a file")
-        start = path.read_text(encoding="utf-8")
+        try:
+            start = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--start file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                             "save it as UTF-8") from None
     if not start:
         raise ValueError("the prompt (--start) is empty: give at least one character, e.g. --start='\\n'")
     return start
@@ -159,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vocab = min(cfg.vocab_size, tok.vocab_size)
         if args.top_k is not None and args.top_k > vocab:
             raise ValueError(f"--top_k={args.top_k} is more than the {vocab} tokens of the vocabulary")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, ImportError) as err:  # OSError: files, and downloads (ConnectionError)
         print(f"error: {err}", file=sys.stderr)
         return 2
     if len(start_ids) > cfg.block_size:

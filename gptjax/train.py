@@ -7,7 +7,9 @@ read while step n+1 runs, so the host never stalls the device to log.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +21,7 @@ from gptjax import config as config_lib
 from gptjax import data as data_lib
 from gptjax import prepare
 from gptjax import sharding
-from gptjax.checkpoint import Checkpointer, check_model_matches, model_meta, write_json
+from gptjax.checkpoint import Checkpointer, check_model_matches, check_state_matches, model_meta, write_json
 from gptjax.config import TrainConfig
 from gptjax.faults import StopRequest, check_free_space, check_writable, exit_now, state_nbytes
 from gptjax.metrics import MetricsLogger
@@ -92,20 +94,36 @@ def _with_run_settings(model_cfg: GPTConfig, cfg: TrainConfig) -> GPTConfig:
 
 def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: Checkpointer):
     """(model config, imported params or None, resume meta or None) for cfg.init_from."""
+    if cfg.init_from != "resume" and not cfg.eval_only and (step := checkpointer.latest_step()) is not None:
+        # its saves would overwrite, rotate out or collide with the checkpoints of the run already there
+        # (an eval_only run saves nothing)
+        raise ValueError(
+            f"out_dir {cfg.out_dir!r} already holds the checkpoints of a run (newest: iter {step}), which a new "
+            f"run (init_from={cfg.init_from}) would overwrite: continue that run with --init_from=resume "
+            f"(and a larger --max_iters), pass another --out_dir, or remove {cfg.out_dir} to start over"
+        )
     if cfg.init_from == "scratch":
         return cfg.model_config(vocab_size), None, None
     if cfg.init_from == "resume":
         step = checkpointer.latest_step()
         if step is None:
+            nanogpt = Path(cfg.out_dir) / "ckpt.pt"
+            hint = (f", or start from the weights of nanoGPT's {nanogpt} with --init_from={nanogpt}"
+                    if nanogpt.is_file() else "")
             raise FileNotFoundError(
                 f"init_from=resume but there is no checkpoint in {checkpointer.directory}; "
-                "start with --init_from=scratch"
+                f"start with --init_from=scratch{hint}"
             )
         meta = checkpointer.restore_meta(step)
+        source = str(checkpointer.directory / str(step))
         # The model is the checkpoint's, as in nanoGPT: a run started from pretrained weights has an
         # architecture its n_layer/n_embd/... keys never described. Those keys must still be the ones
         # the checkpointed run was given, so a changed --n_embd is refused rather than ignored.
-        check_model_matches(meta.get("run") or meta["model"], cfg, str(checkpointer.directory / str(step)))
+        run = dict(meta.get("run") or meta["model"])
+        if cfg.vocab_size == meta["model"]["vocab_size"]:
+            run["vocab_size"] = cfg.vocab_size  # an explicit vocab_size naming the model's own (run: 0)
+        check_model_matches(run, cfg, source)
+        check_state_matches(meta, cfg, source)
         return _with_run_settings(GPTConfig(**meta["model"]), cfg), None, meta
     from gptjax.convert import load_pretrained  # torch-free for HF safetensors
 
@@ -133,8 +151,13 @@ def setup(cfg: TrainConfig) -> Run:
     # Every host prepares when the files are missing: pod hosts have their own disks, and one that
     # read meta.pkl before host 0 had written it would build a model with GPT-2's vocabulary.
     # The writes are atomic renames, so hosts sharing a disk never see half-written files.
-    meta = prepare.ensure_dataset(cfg.dataset, data_dir, cfg.data_input or None)
-    meta = data_lib.load_meta(data_dir) if meta is None else meta
+    prepare.ensure_dataset(cfg.dataset, data_dir, cfg.data_input or None)
+    meta = data_lib.load_meta(data_dir)  # the character vocabulary; None for GPT-2's BPE
+    run_meta = data_lib.load_meta(cfg.out_dir) if cfg.init_from == "resume" else None
+    if run_meta is not None and (meta is None or meta["stoi"] != run_meta["stoi"]):
+        raise ValueError(f"{data_dir} is no longer the character vocabulary this run was trained on "
+                         f"({cfg.out_dir}/meta.pkl): it was prepared again from another text; prepare it "
+                         "from the run's text, or pass the --data_dir that holds it")
     checkpointer = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints)
     model_cfg, params, resume_meta = _load_model_config(cfg, meta and meta["vocab_size"], checkpointer)
     if meta is not None and meta["vocab_size"] > model_cfg.vocab_size:
@@ -152,15 +175,19 @@ def setup(cfg: TrainConfig) -> Run:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
         best_val = resume_meta["best_val_loss"]
     train_step, eval_step = jit_steps(model_cfg, optimizer, lr_schedule(cfg), shardings, mesh)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not cfg.eval_only:  # an evaluation leaves out_dir as it was
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(cfg.out_dir) / "config.json", cfg.to_dict())
+        if meta is not None:  # the run's own vocabulary, for sampling after data/ is prepared again
+            prepare.write_file(Path(cfg.out_dir) / "meta.pkl", pickle.dumps(meta))
     return Run(cfg, model_cfg, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val)
 
 
 def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     """Run nanoGPT's loop: eval + checkpoint every eval_interval, log every log_interval.
     Returns the last metrics (loss, val_loss, iter, ...)."""
+    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:  # before minutes of set-up, not after
+        raise ImportError("wandb_log=True needs wandb: pip install wandb")
     run = setup(cfg)
     stop = stop or StopRequest()
     start = int(jax.device_get(run.state.step))

@@ -98,6 +98,33 @@ def test_missing_or_broken_config_file(tmp_path):
         load_config_file(str(broken))
 
 
+@pytest.mark.parametrize("body, error, message", [
+    ("TrainConfig(batch_size='4')", TypeError, "batch_size='4' must be int, not str"),
+    ("TrainConfig(n_layer=2.0)", TypeError, "n_layer=2.0 must be int, not float"),
+    ("TrainConfig(eval_interval=2.5)", TypeError, "eval_interval=2.5 must be int"),  # used to train, then
+    # leave a config.json that TrainConfig.load refuses
+    ("TrainConfig(n_layers=4)", TypeError, "unexpected keyword argument 'n_layers'.*valid keys: .*n_layer"),
+    ("dict(n_layer=4)", TypeError, "get_config\\(\\) returned a dict, not a TrainConfig"),
+])
+def test_config_file_values_are_checked_and_name_the_file(tmp_path, body, error, message):
+    path = tmp_path / "mine.py"
+    path.write_text(f"from gptjax.config import TrainConfig\n\ndef get_config():\n    return {body}\n")
+    with pytest.raises(error, match=f"config file {re.escape(str(path))}: .*{message}"):
+        parse_args([str(path)])
+
+
+def test_a_config_path_is_never_replaced_by_a_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config file configs/shakespeare_char.py does not exist"):
+        parse_args(["configs/shakespeare_char.py"])  # nanoGPT's habit, run from another directory
+    assert parse_args(["shakespeare_char.py"]) == parse_args(["shakespeare_char"])  # a name, not a path
+
+
+def test_two_config_files_are_refused():
+    with pytest.raises(ValueError, match="give one config file, got \\['shakespeare_char', 'eval_gpt2'\\]"):
+        parse_args(["shakespeare_char", "eval_gpt2"])
+
+
 @pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_")),
                          ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_round_trips(path):

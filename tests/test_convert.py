@@ -258,7 +258,12 @@ def test_hub_name_offline_fails_clearly(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("RuntimeError") and "pass a local directory" in last, proc.stderr[-2000:]
+    assert last.startswith("ConnectionError") and "pass a local directory" in last, proc.stderr[-2000:]
+    # the CLIs say it in one line (it used to be a 100-line traceback)
+    proc = subprocess.run([sys.executable, "-m", "gptjax.sample", "--init_from=gpt2"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: could not download 'gpt2'") and proc.stderr.count("\n") == 1
 
 
 def test_load_pretrained_dispatch(tmp_path):

@@ -5,6 +5,7 @@ import os
 import pickle
 import sys
 import threading
+import types
 import time
 import urllib.error
 import urllib.request
@@ -259,7 +260,8 @@ def test_offline_download_says_to_pass_input(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(ConnectionError, match="could not download tiny-shakespeare .*pass --input PATH"):
         prepare.read_shakespeare(out_dir=tmp_path)
-    with pytest.raises(ConnectionError, match=r"gptjax.prepare shakespeare_char --input PATH --out .*sc"):
+    with pytest.raises(ConnectionError, match=r"gptjax.prepare shakespeare_char --input PATH --out .*sc.*"
+                                              r"or to gptjax.train --data_input=PATH"):
         prepare.ensure_dataset("shakespeare_char", tmp_path / "sc")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare.read_shakespeare(tmp_path / "missing.txt")
@@ -276,6 +278,60 @@ def test_ensure_dataset_prepares_shakespeare_from_local_input_only_when_missing(
     assert (d / "train.bin").stat().st_mtime_ns == before
     with pytest.raises(FileNotFoundError, match="python -m gptjax.prepare openwebtext --out"):
         prepare.ensure_dataset("openwebtext", tmp_path / "owt")
+
+
+class _FakeSplit:
+    """The slice of HF `datasets` that nanoGPT's openwebtext prepare uses, over a few documents."""
+
+    def __init__(self, rows, interrupt_at=None):
+        self.rows, self.interrupt_at = rows, interrupt_at
+
+    def __getitem__(self, column):
+        return [row[column] for row in self.rows]
+
+    def train_test_split(self, test_size, seed, shuffle):
+        return _FakeSplits(train=_FakeSplit(self.rows[2:]), test=_FakeSplit(self.rows[:2], self.interrupt_at))
+
+    def map(self, fn, remove_columns, desc, num_proc):
+        return _FakeSplit([fn(row) for row in self.rows], self.interrupt_at)
+
+    def shard(self, num_shards, index, contiguous):
+        if index == self.interrupt_at:
+            raise KeyboardInterrupt
+        per = -(-len(self.rows) // num_shards)
+        return _FakeSplit(self.rows[index * per:(index + 1) * per])
+
+    def with_format(self, kind):
+        return _FakeSplit([{k: np.asarray(v, np.uint16) for k, v in row.items()} for row in self.rows] or
+                          [{"ids": np.zeros(0, np.uint16)}])
+
+
+class _FakeSplits(dict):
+    def map(self, fn, **kw):
+        return _FakeSplits({k: v.map(fn, **kw) for k, v in self.items()})
+
+
+def test_openwebtext_is_nanogpts_token_stream_and_never_half_written(tmp_path, monkeypatch):
+    from gptjax.prepare import _gpt2
+
+    docs = [f"document {i}: " + "to be or not to be " * (i % 7 + 1) for i in range(2000)]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, num_proc: {"train": _FakeSplit([{"text": d} for d in docs])}
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    summary = prepare.prepare_openwebtext(tmp_path / "owt", num_proc=1)
+    bpe = _gpt2()
+    stream = lambda texts: np.array([t for d in texts for t in bpe.encode_ordinary(d) + [bpe.eot_token]], np.uint16)
+    assert np.array_equal(np.fromfile(tmp_path / "owt" / "val.bin", np.uint16), stream(docs[:2]))
+    assert np.array_equal(np.fromfile(tmp_path / "owt" / "train.bin", np.uint16), stream(docs[2:]))
+    assert summary["vocab_size"] == 50257
+
+    # Ctrl-C a quarter of the way through val.bin (written second): no val.bin, nor a leftover temporary
+    fake.load_dataset = lambda name, num_proc: {"train": _FakeSplit([{"text": d} for d in docs], interrupt_at=256)}
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare_openwebtext(tmp_path / "cut", num_proc=1)
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["train.bin"]
+    with pytest.raises(FileNotFoundError, match="prepare it with"):
+        prepare.ensure_dataset("openwebtext", tmp_path / "cut")
 
 
 def test_openwebtext_without_datasets_names_the_extra(tmp_path, monkeypatch):

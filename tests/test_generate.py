@@ -298,6 +298,8 @@ def test_bfloat16_compute(tiny_params):
         (dict(prompt_tokens=np.zeros((2, 0), np.int32)), "non-empty"),
         (dict(key_bucket=-1), "key_bucket"),
         (dict(key_bucket=2.5), "key_bucket"),
+        (dict(temperature=float("nan")), "temperature=nan must be a number >= 0"),  # sampled token 0 forever
+        (dict(prompt_lengths=[2.5, 4]), "prompt_lengths"),  # was truncated to 2
     ],
 )
 def test_bad_arguments(tiny_params, kwargs, match):
@@ -305,3 +307,10 @@ def test_bad_arguments(tiny_params, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         G.generate(tiny_params, TINY, key=jax.random.PRNGKey(0), **args)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.0, True])
+def test_stream_chunk_size_is_checked_at_the_call(tiny_params, chunk_size):
+    # -1 used to yield nothing at all, 0 to fail only at the first chunk
+    with pytest.raises(ValueError, match="chunk_size"):
+        G.generate_stream(tiny_params, TINY, prompts(1, 4, 64), jax.random.PRNGKey(0), 4, chunk_size=chunk_size)

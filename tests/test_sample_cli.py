@@ -105,7 +105,8 @@ def test_hf_directory_gpt2_bpe(tmp_path, capsys):
         (["--top_p=0"], "--top_p=0.0 must be in (0, 1]"),
         (["--top_p", "1.5"], "--top_p=1.5 must be in (0, 1]"),
         (["--start="], "prompt (--start) is empty"),
-        (["--temperature=-1"], "--temperature=-1.0 must be >= 0"),
+        (["--temperature=-1"], "--temperature=-1.0 must be a number >= 0"),
+        (["--temperature=nan"], "--temperature=nan must be a number >= 0"),
         (["--start=FILE:/nonexistent/prompt.txt"], "not a file"),
         (["--num_samples=0"], "at least 1"),
     ],
@@ -135,6 +136,14 @@ def test_file_prompt(char_run, char_params, tmp_path, capsys):
     assert split_samples(capsys.readouterr().out)[0].startswith("ab\ncd")
 
 
+def test_file_prompt_that_is_not_utf8_names_the_file(char_run, tmp_path, capsys):
+    out_dir, _ = char_run
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    assert sample.main(["--out_dir", str(out_dir), f"--start=FILE:{tmp_path / 'latin1.txt'}"]) == 2
+    err = capsys.readouterr().err
+    assert "latin1.txt' is not UTF-8 text" in err and "save it as UTF-8" in err
+
+
 def test_resume_after_real_training_uses_the_char_vocabulary(tmp_path, monkeypatch, capsys):
     """The README's main job end to end: train with the default data_dir (data/<dataset>), then
     `python -m gptjax.sample --out_dir=...` must decode with the run's meta.pkl, not GPT-2 BPE."""
@@ -160,6 +169,16 @@ def test_resume_after_real_training_uses_the_char_vocabulary(tmp_path, monkeypat
     generated = printed.split("\n---------------")[0][len("ROMEO:"):]
     assert len(generated) == 20 and set(generated) <= set(meta["stoi"])
 
+    # the run keeps its own vocabulary: data/ prepared again from another text changes nothing
+    assert data.load_meta("out") == meta
+    prepare.prepare_shakespeare_char("a few other characters: xyz\n" * 100, tmp_path / "data" / "shakespeare_char")
+    assert sample.main(["--out_dir=out", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=20"]) == 0
+    assert capsys.readouterr().out == printed  # same seed, same vocabulary: the same sample
+    # a run from before that copy: data/'s meta.pkl must be the model's
+    (tmp_path / "out" / "meta.pkl").unlink()
+    assert sample.main(["--out_dir=out", "--num_samples=1", "--max_new_tokens=5"]) == 2
+    err = capsys.readouterr().err
+    assert "characters but the model in out was trained on" in err and "prepared again" in err
     (tmp_path / "data" / "shakespeare_char" / "meta.pkl").unlink()
     assert sample.main(["--out_dir=out", "--num_samples=1", "--max_new_tokens=5"]) == 2
     assert "meta.pkl" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -271,8 +272,19 @@ def test_eval_only_evaluates_and_exits(dropout_run, data_dir, tmp_path):
 
 
 def test_resume_without_checkpoint_is_a_clear_error(data_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint in .*--init_from=scratch"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .*--init_from=scratch$"):
         train(tiny(data_dir, tmp_path, init_from="resume"))
+    (tmp_path / "ckpt.pt").write_bytes(b"")  # a nanoGPT out_dir
+    with pytest.raises(FileNotFoundError, match=f"--init_from=scratch, or start from the weights of nanoGPT's "
+                                                f".*--init_from={tmp_path / 'ckpt.pt'}"):
+        train(tiny(data_dir, tmp_path, init_from="resume"))
+
+
+def test_wandb_missing_is_said_before_any_set_up(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ImportError, match="wandb_log=True needs wandb: pip install wandb"):
+        train(tiny(data_dir, tmp_path / "out", wandb_log=True))
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
@@ -286,6 +298,53 @@ def test_resume_with_another_model_size_names_the_field(dropout_run, data_dir):
     full_dir, _ = dropout_run
     with pytest.raises(ValueError, match="different model.*n_embd: checkpoint 32 vs config 64"):
         train(bf16_dropout(data_dir, full_dir, init_from="resume", n_embd=64))
+
+
+def test_new_run_leaves_an_earlier_runs_checkpoints_alone(dropout_run, data_dir, tmp_path):
+    """A second scratch run into the same out_dir would have overwritten, rotated out or collided
+    with the first run's checkpoints (and said nothing, or blamed the disk)."""
+    full_dir, _ = dropout_run
+    before = sorted(p.name for p in (full_dir / "checkpoints").iterdir())
+    metrics = (full_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"already holds the checkpoints of a run \(newest: iter 20\).*"
+                                         r"--init_from=resume.*another --out_dir.*remove .* to start over"):
+        train(bf16_dropout(data_dir, full_dir))
+    assert sorted(p.name for p in (full_dir / "checkpoints").iterdir()) == before
+    assert (full_dir / "metrics.jsonl").read_text() == metrics
+    # evaluating fresh weights there writes no checkpoint, so it may (nanoGPT's eval_gpt2 in out/)
+    copy = tmp_path / "run"
+    shutil.copytree(full_dir, copy)  # the eval's record goes to metrics.jsonl
+    assert "val_loss" in train(bf16_dropout(data_dir, copy, eval_only=True))
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(activation="gelu"), r"different model \(activation: checkpoint 'gelu_tanh' vs config 'gelu'\)"),
+    (dict(grad_clip=0.0), "trained with grad_clip=1.0 .*resume with --grad_clip=1.0"),
+    (dict(dtype="float16"), "trained in bfloat16 .*loss scale.*resume with --dtype=bfloat16"),
+])
+def test_resume_with_a_setting_the_checkpoint_cannot_take_says_what_to_pass(dropout_run, data_dir, change,
+                                                                          message):
+    full_dir, _ = dropout_run
+    with pytest.raises(ValueError, match=message):
+        train(dataclasses.replace(bf16_dropout(data_dir, full_dir, init_from="resume"), **change))
+
+
+def test_run_keeps_its_vocabulary_and_resumes_only_on_it(data_dir, tmp_path):
+    """vocab_size=0 takes meta.pkl's; resuming with it spelled out is the same model, and a data_dir
+    prepared again from another text is refused (the run's copy of its vocabulary tells)."""
+    from gptjax.data import load_meta
+
+    run = dict(max_iters=10, vocab_size=0)
+    train(tiny(data_dir, tmp_path, **run))
+    meta = load_meta(data_dir)
+    assert load_meta(tmp_path) == meta
+    spelled_out = dict(run, vocab_size=meta["vocab_size"])
+    assert train(tiny(data_dir, tmp_path, init_from="resume", **spelled_out))["iter"] == 10
+    other = tmp_path / "other_text"
+    prepare_shakespeare_char(CORPUS.read_text(encoding="utf-8")[:50_000].replace("e", ""), other)
+    with pytest.raises(ValueError, match="no longer the character vocabulary this run was trained on"):
+        train(tiny(other, tmp_path, init_from="resume", **run))
 
 
 def test_cli_bad_key_exits_2_with_one_line(capsys):

@@ -161,6 +161,22 @@ def test_corrupt_checkpoint_is_a_clear_error(space, reference, tmp_path, capsys,
     assert_kept(before, snapshot(out))
 
 
+def test_sampling_a_corrupt_checkpoint_names_it_and_the_one_to_fall_back_on(space, reference, capsys):
+    from gptjax import sample
+
+    out = space.fresh("corrupt-params", like=reference.out)
+    step = ckpt_lib.checkpoint_dir(out) / str(M)
+    older = sorted(int(p.name) for p in step.parent.iterdir() if p.name.isdigit() and int(p.name) < M)
+    for f in (step / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 1000:  # the tensor data, not its small metadata
+            os.truncate(f, f.stat().st_size // 2)
+    assert sample.main([f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=4"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"cannot read the parameters of checkpoint {step}: it is corrupt" in errors[0], errors
+    if older:
+        assert f"the older checkpoint {older[-1]} is still there" in errors[0], errors[0]
+
+
 @pytest.mark.parametrize("start, expected", [
     ("To be€", "error: character '€' (U+20AC) is not in the model's 58-character vocabulary: remove it from --start"),
     ("", "error: the prompt (--start) is empty"),
