@@ -168,13 +168,11 @@ def check_state_matches(meta: dict[str, Any], cfg, source: str) -> None:
     problems = []
     if "grad_clip" in run and (run["grad_clip"] > 0) != (cfg.grad_clip > 0):
         problems.append(f"it was trained with grad_clip={run['grad_clip']} and this run has grad_clip={cfg.grad_clip} "
-                        "(clipping on or off changes the optimizer state): resume with "
-                        + (f"--grad_clip={run['grad_clip']}" if run["grad_clip"] > 0 else "--grad_clip=0.0"))
-    saved_fp16, fp16 = meta["model"].get("dtype") == "float16", cfg.resolved_dtype == "float16"
-    if saved_fp16 != fp16:
-        problems.append(f"it was trained in {meta['model'].get('dtype')} and this run computes in {cfg.resolved_dtype} "
-                        "(float16 runs carry a loss scale in their state): resume with "
-                        + ("--dtype=float16" if saved_fp16 else f"--dtype={meta['model'].get('dtype')}"))
+                        f"(clipping on or off changes the optimizer state): resume with --grad_clip={run['grad_clip']}")
+    saved_dtype, dtype = meta["model"].get("dtype"), cfg.resolved_dtype
+    if (saved_dtype == "float16") != (dtype == "float16"):
+        problems.append(f"it was trained in {saved_dtype} and this run computes in {dtype} "
+                        f"(float16 runs carry a loss scale in their state): resume with --dtype={saved_dtype}")
     if problems:
         raise ValueError(f"cannot resume from checkpoint {source}: {'; '.join(problems)}")
 

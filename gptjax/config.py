@@ -186,30 +186,40 @@ def _check_keys(keys, source: str) -> None:
         )
 
 
+_WRONG_TYPE = object()
+
+
+def _as_field_type(want: type, value: Any) -> Any:
+    """`value` as a field declared `want` takes it (an int where a float is declared becomes a
+    float), or _WRONG_TYPE. The one typing rule of config files, dicts and the command line."""
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value if type(value) is want else _WRONG_TYPE
+
+
 def _check_types(cfg: TrainConfig) -> None:
-    """Every field of its declared type (an int where a float is declared is made a float), so a
-    config file's mistakes are named like a command line's."""
+    """Every field of its declared type, so a config file's mistakes are named like a command line's."""
     wrong = []
     for name, want in field_types().items():
         value = getattr(cfg, name)
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(cfg, name, float(value))  # frozen: the one place a field is rewritten
-        elif type(value) is not want:
+        typed = _as_field_type(want, value)
+        if typed is _WRONG_TYPE:
             wrong.append(f"{name}={value!r} must be {want.__name__}, not {type(value).__name__}")
+        elif typed is not value:
+            object.__setattr__(cfg, name, typed)  # frozen: the one place a field is rewritten
     if wrong:
         raise TypeError("invalid config: " + "; ".join(wrong))
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
     want = field_types()[key]
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not want:
+    typed = _as_field_type(want, value)
+    if typed is _WRONG_TYPE:
         raise TypeError(
             f"config key {key!r} from {source} must be {want.__name__}, got {value!r} "
             f"({type(value).__name__})"
         )
-    return value
+    return typed
 
 
 def from_dict(values: dict[str, Any], source: str = "dict") -> TrainConfig:
