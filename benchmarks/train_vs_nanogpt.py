@@ -26,7 +26,7 @@ import numpy as np
 from gptjax import config as config_lib
 from gptjax.data import load_meta
 from gptjax.prepare import ensure_dataset
-from gptjax.optim import nanogpt_lr
+from gptjax.torch_ref import nanogpt_lr
 
 
 def run_gptjax(argv: list[str], out_dir: str) -> dict:

@@ -31,7 +31,9 @@ from gptjax import sharding
 from gptjax.config import TrainConfig
 from gptjax.model import flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
-from gptjax.perf import device_peak_flops, tune_cpu_host
+from gptjax import cpu
+from gptjax import kernels as kernels_lib
+from gptjax.perf import device_peak_flops
 from gptjax.step import create_train_state, jit_steps
 
 TRAIN_IMPLS = ("gptjax", "torch", "torch-compile")
@@ -118,7 +120,8 @@ def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile
     model_cfg = cfg.model_config(vocab_size)
     optimizer = make_optimizer(cfg)
     state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed)
-    train_step, _ = jit_steps(model_cfg, optimizer, lr_schedule(cfg), shardings, mesh)
+    kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
+    train_step, _ = jit_steps(model_cfg, kernels, optimizer, lr_schedule(cfg), shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = tuple(jax.device_put(a, batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))
     start = time.perf_counter()
@@ -227,7 +230,7 @@ def torch_process_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, 
                          device: str = "cpu") -> Runner:
     """torch_runner in a child process, driven over a pipe. The PyTorch rows then run as a user's
     nanoGPT would, in a process of their own: without gptjax's malloc settings
-    (perf.keep_freed_memory), and without PyTorch's OpenMP threads, which busy-wait after each
+    (cpu.keep_freed_memory), and without PyTorch's OpenMP threads, which busy-wait after each
     parallel region, taking cores from XLA's steps in between (on 2 cores that cost gptjax ~15%)."""
     say(f"starting PyTorch ({'torch.compile' if compile else 'eager'}) on {device}")
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX threads, no mallopt
@@ -263,47 +266,6 @@ def _torch_worker(conn, cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, c
     conn.send(("ready", runner.impl, runner.flops_per_iter, runner.compile_s))
     while (n := conn.recv()) is not None:
         conn.send(runner.run(n))
-
-
-def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool) -> list[Row]:
-    """Tokens/s of generated tokens at batch 1: KV cache vs full recomputation (and PyTorch's)."""
-    from gptjax.generate import benchmark_sampling
-    from gptjax.model import init_params
-
-    model_cfg = cfg.model_config(vocab_size)
-    params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
-    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1, progress=say)
-    rows = [
-        Row("gptjax-sample-cache", name, 1e3 / result["cache_tokens_per_s"], result["cache_tokens_per_s"],
-            float("nan"), result.get("cache_compile_s", float("nan"))),
-        Row("gptjax-sample-recompute", name, 1e3 / result["recompute_tokens_per_s"],
-            result["recompute_tokens_per_s"], float("nan"), result.get("recompute_compile_s", float("nan"))),
-    ]
-    if compare_torch:
-        from gptjax import torch_ref
-
-        device = torch_device()
-        torch, autocast = _torch_setup(cfg, device)
-        torch.manual_seed(cfg.seed)
-        model = torch_ref.GPT(torch_ref.GPTConfig(
-            block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval().to(device)
-        idx = torch.zeros((1, 1), dtype=torch.long, device=device)
-        say(f"sampling {new_tokens} tokens: PyTorch (nanoGPT's generate, full recomputation)")
-        with autocast, tqdm(total=new_tokens, desc="torch recompute", unit="tok", file=sys.stderr) as bar:
-            model.generate(idx, 8)  # warm-up
-            start = time.perf_counter()
-            # in chunks for the progress bar: generate continues from the context it is given, so
-            # this samples as one call would
-            while bar.n < new_tokens:
-                chunk = min(max(new_tokens // 20, 1), new_tokens - bar.n)
-                idx = model.generate(idx, chunk, top_k=200)
-                bar.update(chunk)
-            if device == "cuda":
-                torch.cuda.synchronize()
-        dt = (time.perf_counter() - start) / new_tokens
-        rows.append(Row("torch-sample-recompute", name, dt * 1e3, 1 / dt, float("nan"), 0.0))
-    return rows
 
 
 def _flops(rate: float) -> str:
@@ -369,11 +331,13 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         # its memory up front, as XLA does by default, or that process runs out of it.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if tune_cpu:
-        tune_cpu_host(cfg)  # the gptjax row runs as `python -m gptjax.train` would
+        cpu.tune_host(cfg)  # the gptjax row runs as `python -m gptjax.train` would
     name = args.name or next((a for a in rest if not a.startswith("--")), "default")
     vocab_size = cfg.vocab_size or _dataset_vocab(cfg) or 50304
     rows = [] if args.steps == 0 else _train_rows(args, cfg, rest, name, vocab_size)
     if args.sample:
+        from gptjax.sampling_bench import bench_sampling  # it builds on this module's rows
+
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch")
     peak, source = device_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")

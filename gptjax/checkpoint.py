@@ -1,6 +1,8 @@
 """Checkpoints with orbax: the sharded train state plus a small JSON of run metadata.
 
-Layout: OUT_DIR/checkpoints/<step>/{state, meta}. Orbax writes each step into a temporary
+Layout: OUT_DIR/checkpoints/<step>/{state, meta}. The state's parameters (and the optimizer's
+moments shaped like them) are always in GPT-2's per-layer layout, h_0 .. h_{L-1}, whether the run
+scans its layers or not, so any run can resume, sample or export any checkpoint. Orbax writes each step into a temporary
 directory and renames it only once complete, so a run killed mid-save leaves the previous
 checkpoints intact and `latest_step` never names a half-written one. Every host takes part in a
 save or restore and writes or reads its own shards.
@@ -21,7 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax.model import GPTConfig, unstack_layers
+from gptjax import sharding
+from gptjax.model import RUN_SETTINGS, GPTConfig, to_gpt2_layout, to_scan_layout
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -47,6 +50,7 @@ class Checkpointer:
         and raises OSError if it failed (disk full, ...), leaving older checkpoints in place."""
         self.wait()
         self._saving = step
+        state = jax.jit(to_gpt2_layout)(state) if _scanned(state) else state
         with self._save_errors():
             self.manager.save(
                 step,
@@ -71,12 +75,20 @@ class Checkpointer:
             ) from err
 
     def restore(self, abstract_state, step: int | None = None):
-        """(state, meta) of `step` (default: newest), laid out as `abstract_state`'s shardings."""
+        """(state, meta) of `step` (default: newest), laid out as `abstract_state` (ShapeDtypeStructs
+        with shardings): per layer or scanned, its shardings."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         meta = self.restore_meta(step)
-        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        scanned = _scanned(abstract_state)
+        saved = abstract_state
+        if scanned:  # read per layer, laid out as such a run would lay it out, then stacked
+            mesh = jax.tree_util.tree_leaves(abstract_state)[0].sharding.mesh
+            per_layer = jax.eval_shape(to_gpt2_layout, abstract_state)
+            saved = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                           per_layer, sharding.state_shardings(per_layer, mesh))
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, saved)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
@@ -87,7 +99,12 @@ class Checkpointer:
                 f"was written for a different model or optimizer (e.g. grad_clip on/off, float16's loss scale) ({_first_line(err)}). "
                 "Delete that directory to resume from an older checkpoint, or pass another out_dir"
             ) from err
-        return restored.state, meta
+        state = restored.state
+        if scanned:
+            n_layer = jax.tree_util.tree_leaves(abstract_state.params["h"])[0].shape[0]
+            shardings = jax.tree_util.tree_map(lambda x: x.sharding, abstract_state)
+            state = jax.jit(functools.partial(to_scan_layout, n_layer=n_layer), out_shardings=shardings)(state)
+        return state, meta
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         try:
@@ -147,14 +164,13 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
 
 
-def check_model_matches(saved: dict[str, Any], current: GPTConfig, source: str) -> None:
-    """A checkpoint's model config must equal the run's in every field that shapes parameters, and
-    in the activation, which the weights were trained with (absent from older checkpoints: skipped)."""
-    shape_fields = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "bias", "scan_layers")
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(current, k)!r}"
-             for k in shape_fields if saved.get(k) != getattr(current, k)]
-    if "activation" in saved and saved["activation"] != current.activation:
-        diffs.append(f"activation: checkpoint {saved['activation']!r} vs config {current.activation!r}")
+def check_model_matches(saved: dict[str, Any], current, source: str) -> None:
+    """A checkpoint's model fields (`saved`, as its run gave them) must equal those of the
+    resuming run's TrainConfig `current` in every field that says what the weights are (all of
+    GPTConfig's but RUN_SETTINGS); fields a checkpoint does not record are not compared."""
+    fields = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in RUN_SETTINGS]
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs config {getattr(current, k)!r}"
+             for k in fields if k in saved and saved[k] != getattr(current, k)]
     if diffs:
         raise ValueError(f"checkpoint {source} was written for a different model ({'; '.join(diffs)}); "
                          "pass matching --key=value overrides or another out_dir")
@@ -191,7 +207,7 @@ def load_inference(out_dir: str | os.PathLike, step: int | None = None):
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
     meta = ckpt.restore_meta(step)
-    cfg = GPTConfig(**meta["model"])
+    cfg = dataclasses.replace(GPTConfig.from_fields(meta["model"]), scan_layers=False, remat="none")
     from gptjax.model import init_params  # local: only the shapes are needed
 
     abstract_params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
@@ -213,13 +229,16 @@ def load_inference(out_dir: str | os.PathLike, step: int | None = None):
                          f"or incomplete ({_first_line(err)}){fallback}") from err
     finally:
         ckpt.close()
-    if cfg.scan_layers:  # decoding and export want GPT-2's per-layer layout
-        params, cfg = unstack_layers(params), dataclasses.replace(cfg, scan_layers=False)
     return params, cfg, meta["run"]
 
 
 def model_meta(cfg: GPTConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def _scanned(state) -> bool:
+    """Whether a train state's parameters are in scan_layers' layout."""
+    return "h" in state.params
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

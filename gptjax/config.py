@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import jax
 
-from gptjax.model import GPTConfig
-from gptjax.perf import cuda_major
+from gptjax import kernels
+from gptjax.kernels import cuda_major
+from gptjax.model import RUN_SETTINGS, GPTConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -42,9 +43,19 @@ def config_dirs() -> tuple[Path, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs. Defaults are nanoGPT's train.py (GPT-2 124M on OpenWebText)."""
+class TrainConfig(GPTConfig):
+    """Everything a training run needs: the model's fields, declared and checked in GPTConfig, and
+    the run's. Defaults are nanoGPT's train.py (GPT-2 124M on OpenWebText)."""
 
+    # model: GPTConfig's fields, with train.py's defaults where they differ from GPT-2's
+    vocab_size: int = 0  # 0: the dataset's meta.pkl vocab, else GPT-2's 50304
+    bias: bool = False  # nanoGPT's train.py default (GPT-2 checkpoints bring their own)
+    dtype: str = "auto"  # compute: auto (auto_dtype: bfloat16 on accelerators, float32 on CPU) | float32 |
+    # bfloat16 | float16 (loss-scaled); parameters stay float32
+    # kernels (gptjax.kernels), 'auto': chosen for the devices the run uses
+    attention: str = "auto"  # auto | xla | cudnn | plain | blocked (CPU)
+    matmul: str = "auto"  # auto | xla | cpu (the CPU Dense product)
+    grad_reduce: str = "auto"  # auto | xla | flat (one flat all-reduce, CPU data parallelism)
     # I/O
     out_dir: str = "out"
     eval_interval: int = 2000
@@ -64,19 +75,7 @@ class TrainConfig:
     data_input: str = ""  # local corpus to prepare shakespeare* from when the .bin files are missing
     gradient_accumulation_steps: int = 40  # micro-batches per optimizer step
     batch_size: int = 12  # micro-batch size, global over all devices and hosts
-    block_size: int = 1024
     prefetch: int = 2  # batches prepared ahead of the device on a host thread
-    # model
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # 0 for pretraining, 0.1+ for finetuning
-    bias: bool = False  # biases in Linear and LayerNorm layers: nanoGPT's train.py default (GPT-2 checkpoints bring their own)
-    vocab_size: int = 0  # 0: the dataset's meta.pkl vocab, else GPT-2's 50304
-    activation: str = "gelu"
-    attention: str = "auto"  # auto (cuDNN/XLA; blocked causal on CPU), xla, cudnn, plain, blocked
-    remat: str = "none"  # 'full' or 'dots': recompute activations in the backward pass to save memory
-    scan_layers: bool = False  # scan one block over the layers: fast compiles for deep models
     # optimizer: AdamW
     learning_rate: float = 6e-4
     max_iters: int = 600000
@@ -90,8 +89,6 @@ class TrainConfig:
     lr_decay_iters: int = 600000  # ~= max_iters per Chinchilla
     min_lr: float = 6e-5  # ~= learning_rate / 10 per Chinchilla
     # system
-    dtype: str = "auto"  # compute: auto (auto_dtype: bfloat16 on accelerators, float32 on CPU) | float32 |
-    # bfloat16 | float16 (loss-scaled); parameters stay float32
     seed: int = 1337
     nonfinite: str = "stop"  # non-finite loss or grads: 'stop' the run, or 'skip' the update
     # devices: mesh axis sizes; -1 takes all remaining devices
@@ -100,26 +97,21 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
-        errors = []
-        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
-                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "keep_checkpoints")
-        for name in positive:
+        errors = self.model_problems(unresolved=("vocab_size", "dtype"))
+        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                     "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}={getattr(self, name)} must be positive")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
-                     "warmup_iters", "lr_decay_iters", "vocab_size", "prefetch"):
+                     "warmup_iters", "lr_decay_iters", "prefetch"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}={getattr(self, name)} must not be negative")
-        if self.n_embd % self.n_head:
-            errors.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             errors.append(f"warmup_iters={self.warmup_iters} is larger than lr_decay_iters={self.lr_decay_iters}")
-        if not 0 <= self.dropout < 1:
-            errors.append(f"dropout={self.dropout} must be in [0, 1)")
-        if self.dtype not in DTYPES:
-            errors.append(f"dtype={self.dtype!r} must be one of {', '.join(map(repr, DTYPES))}")
-        if self.nonfinite not in ("stop", "skip"):
-            errors.append(f"nonfinite={self.nonfinite!r} must be 'stop' or 'skip'")
+        for name, allowed in (("attention", kernels.ATTENTION), ("matmul", kernels.MATMUL),
+                              ("grad_reduce", kernels.GRAD_REDUCE), ("nonfinite", ("stop", "skip"))):
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")
         if "://" in self.out_dir:
             errors.append(f"out_dir={self.out_dir!r} is a URL, and cloud storage is not supported yet: use a "
                           "local directory, or one every host shares (NFS, Filestore)")
@@ -143,14 +135,14 @@ class TrainConfig:
         return auto_dtype() if self.dtype == "auto" else self.dtype
 
     def model_config(self, vocab_size: int | None = None) -> GPTConfig:
-        """The GPTConfig for this run; vocab_size comes from the dataset when the config has 0."""
-        vocab = self.vocab_size or vocab_size or 50304
-        return GPTConfig(
-            block_size=self.block_size, vocab_size=vocab, n_layer=self.n_layer, n_head=self.n_head,
-            n_embd=self.n_embd, dropout=self.dropout, bias=self.bias, dtype=self.resolved_dtype,
-            activation=self.activation, attention=self.attention, remat=self.remat,
-            scan_layers=self.scan_layers,
-        )
+        """The GPTConfig of this run: its model fields, the vocab from the dataset when the config
+        has 0 (else GPT-2's padded 50304), the dtype decided for the devices."""
+        return GPTConfig.from_fields(self, vocab_size=self.vocab_size or vocab_size or 50304,
+                                     dtype=self.resolved_dtype)
+
+    def run_settings(self) -> dict[str, Any]:
+        """The model fields (RUN_SETTINGS) this run sets on weights it loads, a checkpoint's or GPT-2's."""
+        return {**{name: getattr(self, name) for name in RUN_SETTINGS}, "dtype": self.resolved_dtype}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import kernels as kernels_lib
 from gptjax.convert import load_hf, load_nanogpt, read_nanogpt_ckpt
 from gptjax.model import GPT, GPTConfig
 
@@ -85,7 +86,7 @@ def jax_stages(params, cfg: GPTConfig, idx_BxT: np.ndarray) -> dict[str, np.ndar
     """The same stages from gptjax, captured from the top-level submodules' outputs."""
     def forward(params, idx_BxT):
         top_level = lambda mdl, method: method == "__call__" and len(mdl.path) == 1  # noqa: E731
-        return GPT(cfg).apply(
+        return GPT(cfg, kernels_lib.for_inference(cfg)).apply(
             {"params": params}, idx_BxT, capture_intermediates=top_level, mutable=["intermediates"]
         )
 

@@ -2,15 +2,15 @@
 
 Each call runs `_decode`, a `lax.while_loop` that samples one token per step (step t with key
 fold_in(key, t)); `generate_stream` runs the same compiled loop chunk by chunk, carrying its state,
-so streamed tokens are exactly `generate`'s. `generate_recompute` is nanoGPT's algorithm (a full
-forward over the cropped context per token), the reference for tests and benchmarks.
+so streamed tokens are exactly `generate`'s. Both call the model's one forward (`GPT.__call__`)
+with a KV cache.
 
 Layout. Each row's context lives in `ctx_BxM` (M = prompt length + max_new_tokens) right-padded:
 its prompt at 0..len_b-1, then its sampled tokens. Unequal prompts arrive left-padded with
 `prompt_lengths` (the usual convention) and are moved to the start of their row, so a row's
 tokens sit at the positions they would have alone; padding only ever follows a row's last token,
-where the causal mask hides it. Equal rows share one cache position per step (the model's batched
-decode); unequal ones get their own through a decode vmapped over rows.
+where the causal mask hides it. Equal rows share one cache position per step; unequal ones each
+feed the cache at their own position (the cache's per-row `pos`).
 
 Context longer than block_size, as nanoGPT: the model sees only the last block_size tokens, at
 positions 0..block_size-1. While a row's context fits, a step feeds one token into the cache.
@@ -22,23 +22,19 @@ front, which changes nothing since the model never sees more.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
-import time
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from tqdm.auto import tqdm
 
-from gptjax.model import GPT, GPTConfig, init_cache, init_params, unstack_layers
+from gptjax.kernels import Kernels
+from gptjax.model import GPT, GPTConfig, KVCache, init_cache
 
-# The cache is read in prefixes of this many positions (GPT.decode's key_bucket). GPT-2 124M on a
-# 2-core CPU, 500 tokens from a 1-token prompt: 24 tok/s reading all 1024 rows every step, 40-43
-# in prefixes of 128 (64: 39, 256: 37); docs/benchmarks.md
+# The cache is read in prefixes of this many positions (KVCache.key_bucket): faster than reading
+# the whole cache every step, and than 64 or 256 (docs/benchmarks.md)
 KEY_BUCKET = 128
 
 
@@ -110,43 +106,16 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Arr
     return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled_B).astype(jnp.int32)
 
 
-def _logits_at(model: GPT, idx_BxT, at_B, cache=None, key_bucket: int = 0):
-    """Forward T tokens at positions 0..T-1 (into `cache` if given) with the tied head applied only at
-    index at_B[b] of each row, as nanoGPT's inference forward: the head over all T positions would
-    be ~30% of a GPT-2 step. Used as `GPT(cfg).apply(..., method=_logits_at)`."""
-    T = idx_BxT.shape[1]
-    x_BxTxC = model.wte(idx_BxT) + model.wpe(jnp.arange(T))[None]
-    new_cache = []
-    for i, block in enumerate(model.h):
-        x_BxTxC, layer_cache = block(x_BxTxC, True, None if cache is None else cache[i], 0, key_bucket)
-        new_cache.append(layer_cache)
-    x_Bx1xC = jnp.take_along_axis(x_BxTxC, at_B[:, None, None], axis=1)
-    return model._logits(model.ln_f(x_Bx1xC))[:, 0], (None if cache is None else new_cache)
-
-
-def _window_logits(params, cfg: GPTConfig, ctx_BxM, L_B, W: int, key_bucket: int = KEY_BUCKET):
+def _window_logits(model: GPT, params, ctx_BxM, L_B, W: int, key_bucket: int):
     """Logits after each row's first L_b tokens, seen as nanoGPT's cropped context: the last W (or
-    all L_b) of them recomputed from scratch at positions 0... Also returns the cache it filled,
-    valid for the rows with L_b <= W."""
+    all L_b) of them recomputed from scratch at positions 0..., the head applied only at each row's
+    last token. Also returns the cache it filled, valid for the rows with L_b <= W."""
     B = ctx_BxM.shape[0]
     start_B = jnp.maximum(L_B - W, 0)
     win_BxW = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (W,)))(ctx_BxM, start_B)
-    at_B = jnp.minimum(L_B, W) - 1
-    return GPT(cfg).apply({"params": params}, win_BxW, at_B, init_cache(cfg, B), key_bucket, method=_logits_at)
-
-
-def _decode_rows(params, cfg: GPTConfig, tok_B, cache, pos_B, key_bucket: int = KEY_BUCKET):
-    """Feed one token per row into the cache at that row's own position pos_B[b]."""
-    reach = jnp.max(pos_B)  # every row reads the cache prefix covering the furthest row
-
-    def one_row(tok, row_cache, pos):
-        row_cache = jax.tree.map(lambda x: x[None], row_cache)
-        logits_1x1xV, row_cache = GPT(cfg).apply(
-            {"params": params}, tok.reshape(1, 1), row_cache, pos, key_bucket, reach, method=GPT.decode
-        )
-        return logits_1x1xV[0, 0], jax.tree.map(lambda x: x[0], row_cache)
-
-    return jax.vmap(one_row)(tok_B, cache, pos_B)
+    cache = init_cache(model.config, B).replace(key_bucket=key_bucket)
+    logits_BxV, cache = model.apply({"params": params}, win_BxW, cache=cache, logits_at=jnp.minimum(L_B, W) - 1)
+    return logits_BxV, cache.kv
 
 
 class _State(NamedTuple):
@@ -155,7 +124,7 @@ class _State(NamedTuple):
     len_B: jax.Array  # prompt length per row
     out_BxN: jax.Array  # the sampled tokens; stop_token (or 0) after a row stops
     done_B: jax.Array  # the row has emitted stop_token
-    cache: list
+    kv: object  # the KV cache's arrays (KVCache.kv)
 
 
 def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_tokens: int, stop) -> _State:
@@ -170,19 +139,19 @@ def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_to
         len_B=jnp.asarray(len_B),
         out_BxN=jnp.full((B, max_new_tokens), max(stop, 0), jnp.int32),
         done_B=jnp.zeros((B,), bool),
-        cache=init_cache(cfg, B),
+        kv=init_cache(cfg, B).kv,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ragged", "key_bucket"))
-def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, ragged,
-            key_bucket: int = KEY_BUCKET) -> _State:
+@functools.partial(jax.jit, static_argnames=("model", "ragged", "key_bucket"))
+def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model: GPT, ragged: bool,
+            key_bucket: int) -> _State:
     """Sample tokens state.t..end-1, stopping early once every row has emitted `stop` (-1: never).
     `end` is traced so streaming chunks reuse this compilation. ragged: unequal prompt lengths.
 
     Step 0 (the prefill) and the steps whose context is longer than block_size recompute the
     (cropped) window from scratch; the others feed one token into the cache."""
-    bs = cfg.block_size
+    bs = model.config.block_size
     M, N = state.ctx_BxM.shape[1], state.out_BxN.shape[1]
     # the longest context sampled from is M - 1. If that fits, the window is just the prompt;
     # if not, the prefill computes a whole block too, one extra window step among many, so that
@@ -192,24 +161,20 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, r
     def step(state: _State) -> _State:
         L_B = state.len_B + state.t  # context length each row samples from this step
 
-        def recompute(cache):
-            return _window_logits(params, cfg, state.ctx_BxM, L_B, W, key_bucket)
+        def recompute(kv):
+            return _window_logits(model, params, state.ctx_BxM, L_B, W, key_bucket)
 
-        def incremental(cache):
+        def incremental(kv):
             tok_B = jnp.take_along_axis(state.ctx_BxM, (L_B - 1)[:, None], axis=1)[:, 0]
             # finished rows may be past the block; clamp so they compute finite garbage
             pos_B = jnp.minimum(L_B - 1, bs - 1)
-            if ragged:
-                return _decode_rows(params, cfg, tok_B, cache, pos_B, key_bucket)
-            # equal rows share one position: the batched decode, 2x faster than the vmapped one on CPU
-            logits_Bx1xV, cache = GPT(cfg).apply(
-                {"params": params}, tok_B[:, None], cache, pos_B[0], key_bucket, method=GPT.decode
-            )
-            return logits_Bx1xV[:, 0], cache
+            cache = KVCache(kv=kv, pos=pos_B if ragged else pos_B[0], key_bucket=key_bucket)
+            logits_BxV, cache = model.apply({"params": params}, tok_B[:, None], cache=cache, logits_at=jnp.zeros_like(tok_B))
+            return logits_BxV, cache.kv
 
         # past the block every position shifts each step: no cached key/value stays valid
         full = (state.t == 0) | jnp.any(~state.done_B & (L_B > bs))
-        logits_BxV, cache = jax.lax.cond(full, recompute, incremental, state.cache)
+        logits_BxV, kv = jax.lax.cond(full, recompute, incremental, state.kv)
 
         tok_B = sample_logits(logits_BxV, jax.random.fold_in(key, state.t), sampling)
         tok_B = jnp.where(state.done_B, jnp.maximum(stop, 0), tok_B)
@@ -220,21 +185,13 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, cfg, r
             len_B=state.len_B,
             out_BxN=state.out_BxN.at[:, state.t].set(tok_B),
             done_B=state.done_B | (tok_B == stop),
-            cache=cache,
+            kv=kv,
         )
 
     def running(state: _State):
         return (state.t < end) & ~jnp.all(state.done_B)
 
     return jax.lax.while_loop(running, step, state)
-
-
-def _per_layer(params, cfg: GPTConfig):
-    """The KV-cache decode needs GPT-2's per-layer parameters (unstack a scan_layers model's) and
-    no rematerialisation, a training-only memory trade that leaves the parameters as they are."""
-    if cfg.scan_layers:
-        params = unstack_layers(params)
-    return params, dataclasses.replace(cfg, scan_layers=False, remat="none")
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
@@ -285,6 +242,7 @@ def generate_stream(
     params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
     vocab_limit: int | None = None, prompt_lengths=None, chunk_size: int = 32, key_bucket: int = KEY_BUCKET,
+    kernels: Kernels | None = None,
 ) -> Iterator[np.ndarray]:
     """`generate`, yielding the tokens (B, k) as numpy arrays every chunk_size steps (after all rows
     stop, the remaining chunks are padding). The same compiled loop runs chunk by chunk carrying
@@ -295,10 +253,10 @@ def generate_stream(
         raise ValueError(f"key_bucket={key_bucket!r}: give a whole number of cache rows >= 0 (0 reads the whole cache)")
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}: give a whole number of tokens >= 1")
-    params, cfg = _per_layer(params, cfg)
     stop = -1 if stop_token is None else stop_token
     state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop)
-    static = dict(cfg=cfg, ragged=bool((len_B != len_B[0]).any()), key_bucket=key_bucket)
+    model = GPT(cfg, kernels or Kernels())
+    static = dict(model=model, ragged=bool((len_B != len_B[0]).any()), key_bucket=key_bucket)
 
     def chunks():
         nonlocal state
@@ -314,6 +272,7 @@ def generate(
     params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
     vocab_limit: int | None = None, prompt_lengths=None, key_bucket: int = KEY_BUCKET,
+    kernels: Kernels | None = None,
 ) -> jax.Array:
     """Sample max_new_tokens tokens after each prompt row on the KV cache: int32 (B, max_new_tokens).
 
@@ -325,90 +284,10 @@ def generate(
     longer than block_size are cropped to their last block_size tokens, as nanoGPT; such steps
     recompute that window instead of using the cache (see the module docstring). key_bucket only
     sets speed: each step reads the cache in prefixes of that many positions (0: the whole cache).
+    kernels: how the model runs (`kernels.for_inference`; default plain XLA).
     """
     chunks = generate_stream(
         params, cfg, prompt_tokens, key, max_new_tokens, temperature, top_k, top_p, stop_token,
-        vocab_limit, prompt_lengths, chunk_size=max_new_tokens, key_bucket=key_bucket,
+        vocab_limit, prompt_lengths, chunk_size=max_new_tokens, key_bucket=key_bucket, kernels=kernels,
     )
     return jnp.asarray(next(chunks))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _recompute_step(params, ctx_BxW, last, key, sampling: Sampling, *, cfg):
-    at_B = jnp.full((ctx_BxW.shape[0],), last)
-    logits_BxV, _ = GPT(cfg).apply({"params": params}, ctx_BxW, at_B, method=_logits_at)
-    return sample_logits(logits_BxV, key, sampling)
-
-
-def _bucket_width(L: int, bucket: int, block_size: int) -> int:
-    return min(-(-L // bucket) * bucket, block_size)
-
-
-def generate_recompute(
-    params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
-    top_k: int | None = None, top_p: float | None = None, vocab_limit: int | None = None,
-    bucket: int = 16, progress: bool = False,
-) -> np.ndarray:
-    """nanoGPT's generate, the reference: every token from a full forward (no cache) over the
-    context cropped to its last block_size tokens, one jitted call per token. Equal-length prompts
-    only. The context is right-padded to a multiple of `bucket` so only ~block_size/bucket shapes
-    compile; causal attention keeps the padding from reaching the last real token. progress: a
-    progress bar on stderr."""
-    _, _, sampling = _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit, None)
-    params, cfg = _per_layer(params, cfg)
-    ctx_BxT = np.asarray(prompt_tokens, np.int32)  # uncropped, as nanoGPT's idx
-    T0 = ctx_BxT.shape[1]
-    for t in tqdm(range(max_new_tokens), desc="gptjax recompute", unit="tok", disable=not progress, file=sys.stderr):
-        cond_BxL = ctx_BxT[:, -cfg.block_size:]
-        L = cond_BxL.shape[1]
-        win_BxW = np.pad(cond_BxL, ((0, 0), (0, _bucket_width(L, bucket, cfg.block_size) - L)))
-        tok_B = _recompute_step(params, win_BxW, L - 1, jax.random.fold_in(key, t), sampling, cfg=cfg)
-        ctx_BxT = np.concatenate([ctx_BxT, np.asarray(tok_B)[:, None]], axis=1)
-    return ctx_BxT[:, T0:]
-
-
-def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
-                       temperature: float = 0.8, top_k: int | None = 200, bucket: int = 16,
-                       progress: Callable[[str], None] | None = None) -> dict:
-    """Tokens/s of `generate` (KV cache) and `generate_recompute` (nanoGPT) after compiling both
-    (compile seconds reported apart). params=None: random weights (speed does not depend on them).
-    progress: called with a line naming each phase, which also turns on progress bars."""
-    say = progress or (lambda message: None)
-    params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
-    params, cfg = _per_layer(params, cfg)
-    prompt_BxT = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, cfg.vocab_size))
-    key = jax.random.PRNGKey(2)
-    kw = dict(temperature=temperature, top_k=top_k)
-
-    say(f"sampling {new_tokens} tokens: compiling gptjax's KV-cache loop and nanoGPT's recomputation")
-    t0 = time.perf_counter()  # compile: the cached loop, run for one token
-    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=1, **kw))
-    cache_compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()  # the reference: once per context width it will meet
-    _, _, sampling = _check(cfg, prompt_BxT, new_tokens, temperature, top_k, None, None, None)
-    prompt_len = min(prompt_len, cfg.block_size)
-    widths = sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
-                     for t in range(new_tokens)})
-    for W in tqdm(widths, desc="compiling recompute widths", disable=progress is None, file=sys.stderr):
-        ctx_BxW = np.zeros((batch, W), np.int32)
-        jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, cfg=cfg))
-    recompute_compile_s = time.perf_counter() - t0
-
-    say(f"sampling {new_tokens} tokens: gptjax KV cache (one compiled loop)")
-    t0 = time.perf_counter()
-    jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, **kw))
-    cache_s = time.perf_counter() - t0
-    say(f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)")
-    t0 = time.perf_counter()
-    generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress is not None, **kw)
-    recompute_s = time.perf_counter() - t0
-    n = batch * new_tokens
-    return dict(
-        cache_tokens_per_s=n / cache_s,
-        recompute_tokens_per_s=n / recompute_s,
-        speedup=recompute_s / cache_s,
-        cache_s=cache_s,
-        recompute_s=recompute_s,
-        cache_compile_s=cache_compile_s,
-        recompute_compile_s=recompute_compile_s,
-    )

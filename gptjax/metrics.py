@@ -16,8 +16,8 @@ from gptjax.perf import device_peak_flops, mfu
 
 class MetricsLogger:
     """Shows iteration, loss, lr, ms/iter, tokens/s, MFU and ETA; appends one JSON object per
-    logged step (iter, loss, lr, dt_ms, tokens_per_s, mfu) and per eval (iter, train_loss,
-    val_loss) to OUT_DIR/metrics.jsonl."""
+    logged step (iter, loss, lr, grad_norm, loss_scale in float16 runs, dt_ms, tokens_per_s, mfu)
+    and per eval (iter, train_loss, val_loss) to OUT_DIR/metrics.jsonl."""
 
     def __init__(self, cfg: TrainConfig, start_iter: int, is_main: bool, flops_per_iter: float):
         self.cfg, self.is_main, self.flops_per_iter = cfg, is_main, flops_per_iter

@@ -5,10 +5,12 @@ Shape letters used in names and comments throughout gptjax:
   S  key/value length    C  n_embd (model width)
   N  n_head              H  head size (C // N)
   V  vocab_size          F  MLP hidden width (4 * C)
+  L  n_layer
 
 Parameter names follow GPT-2 (`wte wpe h_0.. ln_1 attn c_attn c_proj ln_2 mlp c_fc ln_f`) and
 Dense kernels are stored (in, out) like HF's Conv1D, so weight import/export is a rename (plus a
-transpose for nanoGPT's nn.Linear layout).
+transpose for nanoGPT's nn.Linear layout). How the model runs on the hardware at hand (attention,
+Dense product, activation layout) is not decided here: it comes in as a `Kernels` record.
 """
 
 from __future__ import annotations
@@ -21,22 +23,24 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from gptjax import sharding
-from gptjax.attention import (
-    blocked_causal_attention, cached_attention, cpu_query_blocks, fused_attention_impl, fused_causal_attention,
-    masked_attention,
-)
-from gptjax.dense import dense_dot_general
+from gptjax import cpu
+from gptjax.attention import cached_attention, fused_causal_attention, masked_attention
+from gptjax.kernels import Kernels
 
 ACTIVATIONS = ("gelu", "gelu_tanh")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "plain", "blocked")
+# GPTConfig fields that say how a model is computed, not what its weights are: a run may set them
+# on weights it loads
+RUN_SETTINGS = ("dropout", "dtype", "remat", "scan_layers")
 REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """Model hyper-parameters; defaults are nanoGPT's (GPT-2 124M with the vocab padded to 50304)."""
+    """Model hyper-parameters; defaults are nanoGPT's (GPT-2 124M with the vocab padded to 50304).
+    TrainConfig takes these fields as its own, so they are declared and checked here only."""
 
     block_size: int = 1024
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
@@ -48,32 +52,44 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype; parameters always stay float32
     activation: str = "gelu"  # "gelu": exact erf (nanoGPT); "gelu_tanh": HF GPT-2's gelu_new
     layer_norm_eps: float = 1e-5
-    # "auto": cuDNN flash attention on a GPU that takes it, else XLA's; on CPU "blocked"
-    # (causal attention in query blocks, gptjax.attention). "plain": the softmax written out.
-    attention: str = "auto"
     remat: str = "none"  # rematerialise each block in the backward pass: "full" or "dots" (keep matmuls)
-    scan_layers: bool = False  # one scanned block (params under 'h' with a leading layer axis): fast compile
+    scan_layers: bool = False  # one block scanned over the layers: fast compiles for deep models
 
     def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                "choose n_embd as a multiple of n_head"
-            )
-        for name, value, allowed in (
-            ("activation", self.activation, ACTIVATIONS),
-            ("attention", self.attention, ATTENTION_IMPLS),
-            ("remat", self.remat, REMAT_POLICIES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {allowed}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype={self.dtype!r} is not one of ('float32', 'bfloat16', 'float16')")
+        problems = self.model_problems()
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    def model_problems(self, unresolved: tuple[str, ...] = ()) -> list[str]:
+        """What is wrong with the model fields; `unresolved` names fields that may still hold a
+        placeholder decided later (TrainConfig: vocab_size 0, dtype 'auto')."""
+        problems = []
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+            value = getattr(self, name)
+            if value <= 0 and not (name in unresolved and value == 0):
+                problems.append(f"{name}={value} must be positive")
+        if self.n_head > 0 and self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                            "choose n_embd as a multiple of n_head")
+        dtypes = (("auto",) if "dtype" in unresolved else ()) + DTYPES
+        for name, allowed in (("activation", ACTIVATIONS), ("remat", REMAT_POLICIES), ("dtype", dtypes)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
+        if not self.layer_norm_eps > 0:
+            problems.append(f"layer_norm_eps={self.layer_norm_eps} must be positive")
+        return problems
+
+    @classmethod
+    def from_fields(cls, source, **overrides) -> "GPTConfig":
+        """The GPTConfig of a dict (checkpoint metadata, a run's config.json) or of an object with
+        these fields (a TrainConfig), with `overrides`; keys that are not the model's are left out."""
+        get = source.get if isinstance(source, dict) else lambda name, default: getattr(source, name, default)
+        missing = object()
+        values = {f.name: get(f.name, missing) for f in dataclasses.fields(GPTConfig)}
+        values.update(overrides)
+        return GPTConfig(**{k: v for k, v in values.items() if v is not missing})
 
     @property
     def head_size(self) -> int:
@@ -84,7 +100,7 @@ class GPTConfig:
         return jnp.dtype(self.dtype)
 
 
-# GPT-2's published sizes; vocab 50257 and bias on, as the released checkpoints are.
+# GPT-2's published sizes; the released checkpoints have vocab 50257 and biases.
 PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
@@ -93,26 +109,17 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> GPTConfig:
-    """GPTConfig for a released GPT-2 size (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = dict(block_size=1024, vocab_size=50257, bias=True, activation="gelu_tanh")
-    fields.update(PRESETS[name])
-    fields.update(overrides)
-    return GPTConfig(**fields)
-
-
-def _dense(features: int, cfg: GPTConfig, std: float, name: str) -> nn.Dense:
+def _dense(features: int, cfg: GPTConfig, kernels: Kernels, std: float, name: str) -> nn.Dense:
+    extra = {} if kernels.matmul == "xla" else {"dot_general": cpu.dense_dot_general(kernels.row_blocks)}
     return nn.Dense(
         features,
-        dot_general=dense_dot_general,
         use_bias=cfg.bias,
         dtype=cfg.compute_dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(stddev=std),
         bias_init=nn.initializers.zeros,
         name=name,
+        **extra,
     )
 
 
@@ -133,222 +140,229 @@ def _proj_std(cfg: GPTConfig) -> float:
 
 
 def gelu(x, approximate: bool):
-    """GELU; the exact one as PyTorch's nn.GELU computes it, x/2 (1 + erf(x/sqrt 2)). (jax.nn.gelu
-    goes through erfc, which XLA's CPU backend evaluates ~2.5x slower.)"""
+    """GELU; the exact one as PyTorch's nn.GELU computes it, x/2 (1 + erf(x/sqrt 2)) (jax.nn.gelu
+    goes through erfc, which XLA's CPU backend evaluates more slowly)."""
     if approximate:
         return jax.nn.gelu(x, approximate=True)
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
+@struct.dataclass
+class KVCache:
+    """The keys and values of earlier positions, and where a forward's T new tokens go.
+
+    kv: per layer {'k', 'v'} of shape (B, N, S, H), heads major so that each head's keys are
+      contiguous rows the products read in place; under scan_layers one such dict with a leading
+      layer axis (L, B, N, S, H). Made by `init_cache`.
+    pos: the position of the first new token, a scalar or one per row (B,); may be traced.
+    key_bucket: read the cache in prefixes of this many positions (0: the whole cache), see
+      `attention.cached_attention`."""
+
+    kv: Any
+    pos: Any = 0
+    key_bucket: int = struct.field(pytree_node=False, default=0)
+
+
+def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None, dtype=None) -> KVCache:
+    """An empty KV cache of `length` positions (default block_size) for `GPT.__call__`."""
+    shape = (batch_size, cfg.n_head, length or cfg.block_size, cfg.head_size)
+    dtype = dtype or cfg.compute_dtype
+    if cfg.scan_layers:
+        shape = (cfg.n_layer, *shape)
+        return KVCache(kv={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+    return KVCache(kv=[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)])
+
+
+def _write(cache_BxNxSxH, new_BxNxTxH, pos):
+    """The T new rows written into the cache at pos (a scalar, or one position per row)."""
+    new_BxNxTxH = new_BxNxTxH.astype(cache_BxNxSxH.dtype)
+    if jnp.ndim(pos) == 0:
+        return jax.lax.dynamic_update_slice(cache_BxNxSxH, new_BxNxTxH, (0, 0, pos, 0))
+    return jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (0, p, 0)))(cache_BxNxSxH, new_BxNxTxH, pos)
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
+    kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None, key_bucket: int = 0,
-                 reach=None):
-        """Causal self-attention. With `cache` ({'k','v'}: (B, N, S, H)), the T new tokens sit at
-        positions pos..pos+T-1 of the cache; they are written into it and attend to all earlier
-        ones (reading the cache in prefixes of key_bucket rows up to `reach`, see `cached_attention`). Returns
-        (y, new_cache); new_cache is None without a cache."""
-        cfg = self.config
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache: KVCache | None = None):
+        """Causal self-attention; with a cache (this layer's kv), the new tokens' keys and values
+        are written into it and they attend to every earlier position. Returns (y, new kv or None)."""
+        cfg, kernels = self.config, self.kernels
         B, T, C = x_BxTxC.shape
         N, H = cfg.n_head, cfg.head_size
-        qkv_BxTx3C = _dense(3 * C, cfg, 0.02, "c_attn")(x_BxTxC)
-        q_BxTxC, k_BxTxC, v_BxTxC = jnp.split(qkv_BxTx3C, 3, axis=-1)
-        q_BxTxNxH = q_BxTxC.reshape(B, T, N, H)
-        k_BxTxNxH = k_BxTxC.reshape(B, T, N, H)
-        v_BxTxNxH = v_BxTxC.reshape(B, T, N, H)
-        attn_dropout = nn.Dropout(cfg.dropout)
-        use_attn_dropout = cfg.dropout > 0 and not deterministic
+        qkv_BxTx3C = _dense(3 * C, cfg, kernels, 0.02, "c_attn")(x_BxTxC)
+        q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BxTx3C, 3, axis=-1))
+        attn_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and not deterministic else None
 
-        new_cache = None
+        new_kv = None
         if cache is not None:
-            if use_attn_dropout:
-                raise ValueError("the KV-cache forward is for inference: call it with deterministic=True")
-            k_BxNxSxH, v_BxNxSxH = (
-                jax.lax.dynamic_update_slice(cache[name], new_BxTxNxH.transpose(0, 2, 1, 3).astype(cache[name].dtype),
-                                             (0, 0, pos, 0))
-                for name, new_BxTxNxH in (("k", k_BxTxNxH), ("v", v_BxTxNxH))
-            )
-            new_cache = {"k": k_BxNxSxH, "v": v_BxNxSxH}
-            y_BxTxNxH = cached_attention(
-                q_BxTxNxH, k_BxNxSxH.astype(q_BxTxNxH.dtype), v_BxNxSxH.astype(q_BxTxNxH.dtype), pos, key_bucket,
-                reach,
-            )
-        elif cfg.attention == "blocked" or (cfg.attention == "auto" and jax.default_backend() == "cpu"):
-            # XLA's CPU backend has no fused attention: skip the masked score blocks instead
-            y_BxTxNxH = blocked_causal_attention(
-                q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, cpu_query_blocks(T),
-                attn_dropout if use_attn_dropout else None, deterministic,
-            )
-        elif cfg.attention == "plain" or use_attn_dropout:
+            new_kv = {name: _write(cache.kv[name], new_BxTxNxH.transpose(0, 2, 1, 3), cache.pos)
+                      for name, new_BxTxNxH in (("k", k_BxTxNxH), ("v", v_BxTxNxH))}
+            k_BxNxSxH, v_BxNxSxH = (new_kv[name].astype(q_BxTxNxH.dtype) for name in ("k", "v"))
+            y_BxTxNxH = cached_attention(q_BxTxNxH, k_BxNxSxH, v_BxNxSxH, cache.pos, cache.key_bucket)
+        elif kernels.attention == "blocked":
+            y_BxTxNxH = cpu.blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, None, attn_dropout,
+                                                     deterministic)
+        elif kernels.attention == "plain" or attn_dropout is not None:  # the fused kernels have no dropout
             mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-            y_BxTxNxH = masked_attention(
-                q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_TxT, attn_dropout, deterministic
-            )
+            y_BxTxNxH = masked_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_TxT, attn_dropout, deterministic)
         else:
-            impl = cfg.attention
-            if impl == "auto":
-                impl = fused_attention_impl(q_BxTxNxH.dtype, H, jax.devices()[0])
-            y_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, impl,
-                                               fall_back=cfg.attention == "auto")
-        y_BxTxC = y_BxTxNxH.reshape(B, T, C)
-        y_BxTxC = _dense(C, cfg, _proj_std(cfg), "c_proj")(y_BxTxC)
-        y_BxTxC = nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
-        return y_BxTxC, new_cache
+            y_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kernels.attention,
+                                               fall_back=kernels.cudnn_fallback)
+        y_BxTxC = _dense(C, cfg, kernels, _proj_std(cfg), "c_proj")(y_BxTxNxH.reshape(B, T, C))
+        return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic), new_kv
 
 
 class MLP(nn.Module):
     config: GPTConfig
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x_BxTxC, deterministic: bool = True):
         cfg = self.config
-        h_BxTxF = _dense(4 * cfg.n_embd, cfg, 0.02, "c_fc")(x_BxTxC)
+        h_BxTxF = _dense(4 * cfg.n_embd, cfg, self.kernels, 0.02, "c_fc")(x_BxTxC)
         h_BxTxF = gelu(h_BxTxF, approximate=cfg.activation == "gelu_tanh")
-        y_BxTxC = _dense(cfg.n_embd, cfg, _proj_std(cfg), "c_proj")(h_BxTxF)
+        y_BxTxC = _dense(cfg.n_embd, cfg, self.kernels, _proj_std(cfg), "c_proj")(h_BxTxF)
         return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
 
 
 class Block(nn.Module):
     config: GPTConfig
+    kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, x_BxTxC, deterministic: bool = True, cache=None, pos=None, key_bucket: int = 0,
-                 reach=None):
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache: KVCache | None = None):
         cfg = self.config
-        # Pin activations to the batch split, or XLA copies the fsdp weight layout into them.
-        x_BxTxC = sharding.constrain_batch(x_BxTxC)
-        y_BxTxC, new_cache = CausalSelfAttention(cfg, name="attn")(
-            _layer_norm(cfg, "ln_1")(x_BxTxC), deterministic, cache, pos, key_bucket, reach
-        )
+        x_BxTxC = self.kernels.pin_batch(x_BxTxC)
+        y_BxTxC, new_kv = CausalSelfAttention(cfg, self.kernels, name="attn")(
+            _layer_norm(cfg, "ln_1")(x_BxTxC), deterministic, cache)
         x_BxTxC = x_BxTxC + y_BxTxC
-        x_BxTxC = x_BxTxC + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
-        return x_BxTxC, new_cache
+        x_BxTxC = x_BxTxC + MLP(cfg, self.kernels, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
+        return x_BxTxC, new_kv
 
 
-def _remat_block(cfg: GPTConfig):
-    if cfg.remat == "none":
+def _block_class(cfg: GPTConfig, caching: bool):
+    """Block, rematerialised in the backward pass as cfg.remat asks; a cached forward (inference)
+    never is, and the parameters are the same either way."""
+    if cfg.remat == "none" or caching:
         return Block
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    # deterministic (arg 2, counting self) decides the graph, so it must be static. (GPT.decode,
-    # whose key_bucket must be static too, refuses remat.)
+    # deterministic (arg 2, counting self) decides the graph, so it must be static
     return nn.remat(Block, policy=policy, static_argnums=(2,))
 
 
 class _ScanBody(nn.Module):
-    """Block as a scan body: (carry=x, broadcast deterministic) -> (x, no output)."""
+    """Block as a scan body: x carried, this layer's kv scanned, the cache's settings and
+    deterministic broadcast."""
 
     config: GPTConfig
+    kernels: Kernels
 
     @nn.compact
-    def __call__(self, x_BxTxC, deterministic: bool):
-        block = _remat_block(self.config)(self.config, name="block")
-        x_BxTxC, _ = block(x_BxTxC, deterministic)
-        return x_BxTxC, None
-
-
-def _scanned_blocks(cfg: GPTConfig) -> nn.Module:
-    # flax passes broadcast arguments through untraced, so `deterministic` stays a Python bool.
-    scanned = nn.scan(
-        _ScanBody,
-        variable_axes={"params": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=nn.broadcast,
-        length=cfg.n_layer,
-    )
-    return scanned(cfg, name="h")
-
-
-def stack_layers(params: dict, n_layer: int) -> dict:
-    """Per-layer params (h_0 .. h_{L-1}) -> the scan layout (h/block with a leading L axis)."""
-    layers = [params[f"h_{i}"] for i in range(n_layer)]
-    out = {k: v for k, v in params.items() if not k.startswith("h_")}
-    out["h"] = {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
-    return out
-
-
-def unstack_layers(params: dict) -> dict:
-    """The scan layout -> per-layer params, as GPT-2 names them (for import/export and decode)."""
-    stacked = params["h"]["block"]
-    n_layer = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "h"}
-    for i in range(n_layer):
-        out[f"h_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
-    return out
+    def __call__(self, x_BxTxC, layer_kv, cache: KVCache | None, deterministic: bool):
+        block = _block_class(self.config, cache is not None)(self.config, self.kernels, name="block")
+        return block(x_BxTxC, deterministic, None if cache is None else cache.replace(kv=layer_kv))
 
 
 class GPT(nn.Module):
-    """GPT-2. `__call__(idx)` returns float32 logits (B, T, V); `decode` runs on a KV cache."""
+    """GPT-2: one forward for training, evaluation, prefill and cached decoding.
+
+    `kernels` (gptjax.kernels, chosen at set-up for the devices in use) says how it runs; the
+    default is plain XLA, correct everywhere."""
 
     config: GPTConfig
+    kernels: Kernels = Kernels()
 
-    def setup(self):
+    @nn.compact
+    def __call__(self, idx_BxT, deterministic: bool = True, cache: KVCache | None = None, logits_at=None):
+        """Float32 logits (B, T, V) of the T tokens idx_BxT.
+
+        cache: the tokens sit at positions cache.pos.. (else 0..T-1) and attend to the cache's
+          earlier positions; returns (logits, the cache with their keys and values written). The
+          caller keeps pos + T within the cache. Inference only (deterministic).
+        logits_at: (B,) one index per row: the head is applied only there, logits (B, V), as
+          nanoGPT's inference forward (the head over every position is a large share of a step).
+        """
         cfg = self.config
-        embed = dict(
-            embedding_init=nn.initializers.normal(stddev=0.02),
-            dtype=cfg.compute_dtype,
-            param_dtype=jnp.float32,
-        )
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, **embed)
-        self.wpe = nn.Embed(cfg.block_size, cfg.n_embd, **embed)
-        self.drop = nn.Dropout(cfg.dropout)
+        T = idx_BxT.shape[1]
+        if cache is None:
+            if T > cfg.block_size:
+                raise ValueError(f"cannot forward a sequence of length {T}: block_size is only {cfg.block_size}")
+            positions = jnp.arange(T)
+        else:
+            if not deterministic:
+                raise ValueError("the KV-cache forward is for inference: call it with deterministic=True")
+            pos = jnp.asarray(cache.pos)
+            positions = (pos[:, None] if pos.ndim else pos) + jnp.arange(T)
+        embed = dict(embedding_init=nn.initializers.normal(stddev=0.02), dtype=cfg.compute_dtype,
+                     param_dtype=jnp.float32)
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte", **embed)
+        wpe_TxC = nn.Embed(cfg.block_size, cfg.n_embd, name="wpe", **embed)(positions)
+        x_BxTxC = wte(idx_BxT) + (wpe_TxC if wpe_TxC.ndim == 3 else wpe_TxC[None])
+        x_BxTxC = nn.Dropout(cfg.dropout, name="drop")(x_BxTxC, deterministic=deterministic)
+
         if cfg.scan_layers:
-            self.h_scan = _scanned_blocks(cfg)
+            # flax passes broadcast arguments through untraced, so `deterministic` stays a Python bool
+            blocks = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer)
+            x_BxTxC, new_kv = blocks(cfg, self.kernels, name="h")(
+                x_BxTxC, None if cache is None else cache.kv, None if cache is None else cache.replace(kv=None), deterministic)
         else:
-            block = _remat_block(cfg)
-            self.h = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
-        self.ln_f = _layer_norm(cfg, "ln_f")
+            block_class = _block_class(cfg, cache is not None)
+            new_kv = []
+            for i in range(cfg.n_layer):
+                x_BxTxC, layer_kv = block_class(cfg, self.kernels, name=f"h_{i}")(
+                    x_BxTxC, deterministic, None if cache is None else cache.replace(kv=cache.kv[i]))
+                new_kv.append(layer_kv)
 
-    def _logits(self, x_BxTxC):
-        # The head is tied to wte; logits come out in float32 whatever the compute dtype.
-        wte_VxC = self.wte.embedding.astype(self.config.compute_dtype)
-        return jnp.einsum("btc,vc->btv", x_BxTxC, wte_VxC, preferred_element_type=jnp.float32)
-
-    def __call__(self, idx_BxT, deterministic: bool = True):
-        T = idx_BxT.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(
-                f"cannot forward a sequence of length {T}: block_size is only {self.config.block_size}"
-            )
-        x_BxTxC = self.wte(idx_BxT) + self.wpe(jnp.arange(T))[None]
-        x_BxTxC = self.drop(x_BxTxC, deterministic=deterministic)
-        if self.config.scan_layers:
-            x_BxTxC, _ = self.h_scan(x_BxTxC, deterministic)
-        else:
-            for block in self.h:
-                x_BxTxC, _ = block(x_BxTxC, deterministic)
-        return self._logits(self.ln_f(x_BxTxC))
-
-    def decode(self, idx_BxT, cache, pos, key_bucket: int = 0, reach=None):
-        """Forward T new tokens at positions pos..pos+T-1 on a KV cache (see `init_cache`).
-
-        Returns (logits (B, T, V) float32, new_cache). pos may be a traced scalar; the caller
-        keeps pos + T <= cache length (= block_size). key_bucket > 0 reads the cache in prefixes
-        of that many rows up to position `reach` (default pos+T-1; see `cached_attention`)."""
-        if self.config.scan_layers:
-            raise ValueError("decode needs per-layer parameters: use unstack_layers(params) and "
-                             "a config with scan_layers=False")
-        if self.config.remat != "none":
-            raise ValueError(f"decode is for inference: use a config with remat='none' (not {self.config.remat!r}); "
-                             "the parameters are the same")
-        T = idx_BxT.shape[1]
-        positions_T = pos + jnp.arange(T)
-        x_BxTxC = self.wte(idx_BxT) + self.wpe(positions_T)[None]
-        new_cache = []
-        for block, layer_cache in zip(self.h, cache):
-            x_BxTxC, layer_cache = block(x_BxTxC, True, layer_cache, pos, key_bucket, reach)
-            new_cache.append(layer_cache)
-        return self._logits(self.ln_f(x_BxTxC)), new_cache
+        if logits_at is not None:
+            x_BxTxC = jnp.take_along_axis(x_BxTxC, jnp.asarray(logits_at)[:, None, None], axis=1)  # (B, 1, C)
+        x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
+        # the head is tied to wte; logits come out in float32 whatever the compute dtype
+        logits = jnp.einsum("btc,vc->btv", x_BxTxC, wte.embedding.astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+        if logits_at is not None:
+            logits = logits[:, 0]
+        return logits if cache is None else (logits, cache.replace(kv=new_kv))
 
 
-def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None, dtype=None):
-    """Empty KV cache for `GPT.decode`: per layer {'k','v'} of shape (B, N, S, H), heads major so
-    each head's keys and values are contiguous rows the attention products read in place."""
-    S = length or cfg.block_size
-    shape = (batch_size, cfg.n_head, S, cfg.head_size)
-    dtype = dtype or cfg.compute_dtype
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)]
+def _is_params(tree) -> bool:
+    return isinstance(tree, dict) and "wte" in tree
+
+
+def to_scan_layout(tree, n_layer: int):
+    """Every params-shaped dict in `tree` (parameters, gradients, Adam moments, a whole train
+    state) from GPT-2's per-layer layout (h_0 .. h_{L-1}) to scan_layers' (h/block, with a leading
+    layer axis); a tree already scanned is returned as it is. Checkpoints and exports always hold
+    the per-layer layout."""
+
+    def stack(params):
+        if not _is_params(params) or "h" in params:
+            return params
+        layers = [params[f"h_{i}"] for i in range(n_layer)]
+        out = {k: v for k, v in params.items() if not k.startswith("h_")}
+        out["h"] = {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
+        return out
+
+    return jax.tree_util.tree_map(stack, tree, is_leaf=_is_params)
+
+
+def to_gpt2_layout(tree):
+    """The inverse of `to_scan_layout`; a tree already per-layer is returned as it is."""
+
+    def unstack(params):
+        if not _is_params(params) or "h" not in params:
+            return params
+        stacked = params["h"]["block"]
+        n_layer = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        out = {k: v for k, v in params.items() if k != "h"}
+        for i in range(n_layer):
+            out[f"h_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+        return out
+
+    return jax.tree_util.tree_map(unstack, tree, is_leaf=_is_params)
 
 
 @functools.partial(jax.jit, static_argnums=0)  # eager init dispatches hundreds of tiny ops

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from gptjax.config import TrainConfig
-
-
-def nanogpt_lr(it: int, cfg: TrainConfig) -> float:
-    """nanoGPT's get_lr, in plain Python: the reference the jitted schedule is tested against."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
-        return cfg.min_lr
-    decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:

@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from gptjax import kernels as kernels_lib
 from gptjax.config import DTYPES, auto_dtype
 from gptjax.generate import check_sampling, generate_stream
 
@@ -39,8 +40,8 @@ def load_model(init_from: str, out_dir: str, dtype: str):
         from gptjax import checkpoint, data
 
         params, cfg, run_config = checkpoint.load_inference(out_dir)
-        # the run's own copy of its vocabulary (since session 7), else the dataset's as training
-        # resolved it (an empty data_dir means data/<dataset>)
+        # the run's own copy of its vocabulary, else the dataset's as training resolved it (an
+        # empty data_dir means data/<dataset>)
         data_dir = run_config.get("data_dir") or os.path.join("data", run_config.get("dataset", ""))
         meta = data.load_meta(out_dir)
         if meta is None:
@@ -122,12 +123,13 @@ def write_samples(params, cfg, tok: Tokenizer, start_ids: list[int], args, out=N
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     prompt_1xT = np.asarray([start_ids], np.int32)
     key = jax.random.PRNGKey(args.seed)
+    kernels = kernels_lib.for_inference(cfg)
     for k in range(args.num_samples):
         decode = tok.stream_decoder()
         out.write(decode(start_ids))
         chunks = generate_stream(
             params, cfg, prompt_1xT, jax.random.fold_in(key, k), args.max_new_tokens, args.temperature,
-            top_k, args.top_p, vocab_limit=vocab_limit, chunk_size=CHUNK,
+            top_k, args.top_p, vocab_limit=vocab_limit, chunk_size=CHUNK, kernels=kernels,
         )
         for tokens_1xK in chunks:
             out.write(decode(tokens_1xK[0]))

@@ -7,7 +7,6 @@ that divides evenly. XLA inserts the all-gathers and reduce-scatters from these 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -113,48 +112,6 @@ def state_shardings(abstract_state, mesh: Mesh):
     return jax.tree_util.tree_map(
         lambda x: NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp_size)), abstract_state
     )
-
-
-def constrain_batch(x_BxTxC: jax.Array) -> jax.Array:
-    """Keep an activation split on its batch dimension over every device, inside a step traced by
-    `under_mesh`; elsewhere (sampling, one device, a batch that does not divide) it is unchanged.
-
-    Without it XLA spreads the fsdp-split weights' layout into the activations and moves them
-    back and forth with all-to-alls and all-gathers in every layer (on an 8-device dp=2 x fsdp=4
-    tiny GPT: 222 all-gathers and 150 all-to-alls in the train step; 40 and 6 with it)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not is_train_mesh(mesh) or x_BxTxC.shape[0] % data_size(mesh):
-        return x_BxTxC
-    if jax.sharding.AxisType.Manual in mesh.axis_types:  # inside shard_map: already one shard
-        return x_BxTxC
-    return jax.lax.with_sharding_constraint(x_BxTxC, P(DATA_AXES))
-
-
-def is_train_mesh(mesh) -> bool:
-    """Whether `mesh` (e.g. the abstract mesh in context) is a (data, fsdp) mesh from make_mesh."""
-    return not mesh.empty and set(DATA_AXES) <= set(mesh.axis_names)
-
-
-def traced_per_device() -> bool:
-    """Whether the arrays being traced are one device's: no mesh over several devices, or every
-    mesh axis manual (inside shard_map over the whole mesh). Elsewhere they are global arrays the
-    partitioner may split. (constrain_batch asks less: any manual axis already rules out its
-    constraint.)"""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return jax.device_count() == 1
-    return mesh.size == 1 or all(t == jax.sharding.AxisType.Manual for t in mesh.axis_types)
-
-
-def under_mesh(fn, mesh: Mesh):
-    """`fn` traced with `mesh` in context, so that `constrain_batch` inside it applies."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
-
-    return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,12 +9,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from gptjax import sharding
-from gptjax.model import GPT, GPTConfig, init_params
+from gptjax import cpu, sharding
+from gptjax.kernels import Kernels
+from gptjax.model import GPT, GPTConfig, init_params, to_scan_layout
 
 
 # torch.cuda.amp.GradScaler's defaults, which nanoGPT trains float16 with
@@ -44,7 +43,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far (= nanoGPT's iter_num)
     params: Any
     opt_state: Any
-    rng: jax.Array  # raw uint32 PRNG key; each step's dropout key is fold_in(rng, step)
+    rng: jax.Array  # raw uint32 PRNG key of the dropout stream; step n's key is fold_in(rng, n)
     skipped: jax.Array  # int32 scalar: updates skipped for non-finite loss or gradients
     loss_scale: LossScale | None = None  # float16 compute only (None: no leaves, so other
     # dtypes' checkpoints keep their layout)
@@ -58,8 +57,15 @@ def loss_fn(params, model: GPT, x_BxT, y_BxT, dropout_key=None):
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, y_BxT).mean()
 
 
-def _init_state(key, cfg: GPTConfig, optimizer, seed: int, params=None) -> TrainState:
-    params = init_params(cfg, key) if params is None else params
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(initialisation key, dropout key): two streams split from the run's seed."""
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, dropout_key
+
+
+def _init_state(cfg: GPTConfig, optimizer, seed: int, params=None) -> TrainState:
+    init_key, dropout_key = seed_keys(seed)
+    params = init_params(cfg, init_key) if params is None else params
     loss_scale = None
     if cfg.dtype == "float16":
         loss_scale = LossScale(scale=jnp.float32(LOSS_SCALE_INIT), good_steps=jnp.zeros((), jnp.int32))
@@ -67,7 +73,7 @@ def _init_state(key, cfg: GPTConfig, optimizer, seed: int, params=None) -> Train
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=optimizer.init(params),
-        rng=jax.random.PRNGKey(seed),
+        rng=dropout_key,
         skipped=jnp.zeros((), jnp.int32),
         loss_scale=loss_scale,
     )
@@ -76,16 +82,17 @@ def _init_state(key, cfg: GPTConfig, optimizer, seed: int, params=None) -> Train
 def create_train_state(cfg: GPTConfig, optimizer, mesh: Mesh, seed: int, params=None):
     """(state, state_shardings), the state created already laid out over the mesh, so a model
     bigger than one device's memory never exists whole on one device. `params` (e.g. imported
-    GPT-2 weights) replace the random initialisation."""
-    init = functools.partial(_init_state, cfg=cfg, optimizer=optimizer, seed=seed)
-    key = jax.random.PRNGKey(seed)
-    abstract = jax.eval_shape(lambda k, p: init(k, params=p), key, params)
+    GPT-2 weights, in GPT-2's per-layer layout) replace the random initialisation."""
+    if params is not None and cfg.scan_layers:
+        params = to_scan_layout(params, cfg.n_layer)
+    init = functools.partial(_init_state, cfg, optimizer, seed)
+    abstract = jax.eval_shape(init, params)
     shardings = sharding.state_shardings(abstract, mesh)
     if params is None:
-        state = jax.jit(lambda k: init(k), out_shardings=shardings)(key)
+        state = jax.jit(lambda: init(), out_shardings=shardings)()
     else:
         params = jax.device_put(params, shardings.params)
-        state = jax.jit(lambda k, p: init(k, params=p), out_shardings=shardings)(key, params)
+        state = jax.jit(init, out_shardings=shardings)(params)
     return state, shardings
 
 
@@ -113,46 +120,21 @@ def _accumulated_grads(params, x_AxBxT, y_AxBxT, step_key, model: GPT, scale=Non
     return loss_sum / total, jax.tree_util.tree_map(lambda g: g / total, grads_sum)
 
 
-def _flat_data_parallel(mesh, cfg: GPTConfig) -> bool:
-    """Pure data parallelism without dropout: each device can take the gradient of its batch
-    shard alone and the shards meet in one flat all-reduce. (Dropout is left to the global
-    program, whose masks do not depend on how the batch is split.)"""
-    return (sharding.is_train_mesh(mesh) and mesh.shape["fsdp"] == 1 and mesh.shape["data"] > 1
-            and cfg.dropout == 0)
-
-
-def _flat_all_reduce_grads(mesh, params, x_AxBxT, y_AxBxT, model: GPT, scale=None):
-    """_accumulated_grads per batch shard, averaged over the devices as one flat buffer. XLA would
-    otherwise all-reduce each parameter's gradient as a separate operand, and its CPU runtime
-    synchronises the devices once per operand: on 2 CPU devices the CPU recipe's 54 gradients
-    took 3.3-4.2 ms that way and 1.2-1.7 ms as one buffer."""
-
-    def local(params, x_AxBxT, y_AxBxT, scale):
-        loss_and_grads = _accumulated_grads(params, x_AxBxT, y_AxBxT, None, model, scale)
-        flat, unravel = ravel_pytree(loss_and_grads)
-        return unravel(jax.lax.pmean(flat, sharding.DATA_AXES))
-
-    batch_spec = P(None, sharding.DATA_AXES)
-    # check_vma off: the scan carries start replicated and turn per-device, which pmean undoes
-    per_shard = jax.shard_map(local, mesh=mesh, in_specs=(P(), batch_spec, batch_spec, P()), out_specs=P(),
-                              check_vma=False)
-    return per_shard(params, x_AxBxT, y_AxBxT, scale)
-
-
-def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Callable):
+def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Callable, mesh: Mesh | None = None):
     """One optimizer update on a batch of (x, y), each (A, B, T): the A micro-batches are
     accumulated in a scan, so A micro-batches of B give the update of one batch of A*B.
 
     A non-finite loss or gradient norm never reaches the parameters: the update is skipped and
     counted, and the host decides whether to stop (metrics['nonfinite']). Under float16 loss
     scaling, gradients that overflow with a finite loss are the scaler's business: the update is
-    skipped, the scale halves, and the run goes on."""
+    skipped, the scale halves, and the run goes on. `mesh`: the devices' mesh, which
+    model.kernels.grad_reduce='flat' runs its shard_map over."""
     x_AxBxT, y_AxBxT = batch
     step_key = jax.random.fold_in(state.rng, state.step)
-    mesh = jax.sharding.get_abstract_mesh()
     scale = None if state.loss_scale is None else state.loss_scale.scale
-    if _flat_data_parallel(mesh, model.config):
-        loss, grads = _flat_all_reduce_grads(mesh, state.params, x_AxBxT, y_AxBxT, model, scale)
+    if model.kernels.grad_reduce == "flat":  # each device's shard alone (no dropout), one all-reduce
+        grads_of = cpu.flat_data_parallel(lambda *args: _accumulated_grads(*args[:3], None, model, args[3]), mesh)
+        loss, grads = grads_of(state.params, x_AxBxT, y_AxBxT, scale)
     else:
         loss, grads = _accumulated_grads(state.params, x_AxBxT, y_AxBxT, step_key, model, scale)
     grad_norm = optax.tree.norm(grads)
@@ -182,27 +164,30 @@ def train_step(state: TrainState, batch, *, model: GPT, optimizer, schedule: Cal
     return new_state, metrics
 
 
-def eval_step(params, batch, *, model: GPT):
-    """Mean loss over the (A, B, T) batch, dropout off."""
-    x_AxBxT, y_AxBxT = batch
-    losses = jax.lax.map(lambda xy: loss_fn(params, model, xy[0], xy[1]), (x_AxBxT, y_AxBxT))
-    return losses.mean()
+def eval_step(params, batch, *, model: GPT, mesh: Mesh | None = None):
+    """Mean loss over the (A, B, T) batch, dropout off; per device shard where the train step is."""
+    def mean_loss(params, x_AxBxT, y_AxBxT):
+        return jax.lax.map(lambda xy: loss_fn(params, model, xy[0], xy[1]), (x_AxBxT, y_AxBxT)).mean()
+
+    if model.kernels.grad_reduce == "flat":
+        mean_loss = cpu.flat_data_parallel(mean_loss, mesh)
+    return mean_loss(params, *batch)
 
 
-def jit_steps(cfg: GPTConfig, optimizer, schedule, state_shardings, mesh: Mesh):
-    """The jitted (train_step, eval_step) with shardings fixed at jit and the state donated."""
-    model = GPT(cfg)
+def jit_steps(cfg: GPTConfig, kernels: Kernels, optimizer, schedule, state_shardings, mesh: Mesh):
+    """The jitted (train_step, eval_step) of GPT(cfg, kernels), with shardings fixed at jit and the
+    state donated."""
+    model = GPT(cfg, kernels)
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    # traced with the mesh in context so the model can pin activations (sharding.constrain_batch)
     train = jax.jit(
-        sharding.under_mesh(functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule), mesh),
+        functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule, mesh=mesh),
         in_shardings=(state_shardings, (batch_sharding, batch_sharding)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
     evaluate = jax.jit(
-        sharding.under_mesh(functools.partial(eval_step, model=model), mesh),
+        functools.partial(eval_step, model=model, mesh=mesh),
         in_shardings=(state_shardings.params, (batch_sharding, batch_sharding)),
         out_shardings=replicated,
     )

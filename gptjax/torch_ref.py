@@ -36,7 +36,7 @@ class GPTConfig:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+    """LayerNorm with an optional bias (nn.LayerNorm takes bias=False only from PyTorch 2.1 on)."""
 
     def __init__(self, ndim: int, bias: bool):
         super().__init__()
@@ -180,3 +180,17 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(F.softmax(logits_BxV, dim=-1), num_samples=1)
             idx_BxT = torch.cat((idx_BxT, idx_next), dim=1)
         return idx_BxT
+
+
+def nanogpt_lr(it: int, cfg) -> float:
+    """nanoGPT's get_lr for a TrainConfig, in plain Python: the reference gptjax's jitted schedule
+    (gptjax.optim.lr_schedule) is tested against."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)

@@ -18,16 +18,18 @@ import jax
 import numpy as np
 
 from gptjax import config as config_lib
+from gptjax import cpu
 from gptjax import data as data_lib
+from gptjax import kernels as kernels_lib
 from gptjax import prepare
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, check_state_matches, model_meta, write_json
 from gptjax.config import TrainConfig
 from gptjax.faults import StopRequest, check_free_space, check_writable, exit_now, state_nbytes
 from gptjax.metrics import MetricsLogger
-from gptjax.model import GPTConfig, crop_block_size, flops_per_token, num_params, stack_layers
+from gptjax.kernels import Kernels
+from gptjax.model import GPTConfig, crop_block_size, flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
-from gptjax.perf import tune_cpu_host
 from gptjax.step import create_train_state, jit_steps
 
 
@@ -41,6 +43,7 @@ class Run:
 
     cfg: TrainConfig
     model_cfg: GPTConfig
+    kernels: Kernels
     mesh: Any
     state: Any
     state_shardings: Any
@@ -88,8 +91,7 @@ class Run:
 
 def _with_run_settings(model_cfg: GPTConfig, cfg: TrainConfig) -> GPTConfig:
     """A checkpoint's model with this run's settings that leave its weights as they are."""
-    return dataclasses.replace(model_cfg, dropout=cfg.dropout, dtype=cfg.resolved_dtype, attention=cfg.attention,
-                               remat=cfg.remat, scan_layers=cfg.scan_layers)
+    return dataclasses.replace(model_cfg, **cfg.run_settings())
 
 
 def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: Checkpointer):
@@ -124,7 +126,7 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
             run["vocab_size"] = cfg.vocab_size  # an explicit vocab_size naming the model's own (run: 0)
         check_model_matches(run, cfg, source)
         check_state_matches(meta, cfg, source)
-        return _with_run_settings(GPTConfig(**meta["model"]), cfg), None, meta
+        return _with_run_settings(GPTConfig.from_fields(meta["model"]), cfg), None, meta
     from gptjax.convert import load_pretrained  # torch-free for HF safetensors
 
     params, model_cfg = load_pretrained(cfg.init_from)
@@ -132,10 +134,7 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
         raise ValueError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s {model_cfg.block_size}")
     if cfg.block_size < model_cfg.block_size:
         params, model_cfg = crop_block_size(params, model_cfg, cfg.block_size)
-    model_cfg = _with_run_settings(model_cfg, cfg)
-    if cfg.scan_layers:
-        params = stack_layers(params, model_cfg.n_layer)
-    return model_cfg, params, None
+    return _with_run_settings(model_cfg, cfg), params, None
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -174,13 +173,14 @@ def setup(cfg: TrainConfig) -> Run:
         state, _ = checkpointer.restore(jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
         best_val = resume_meta["best_val_loss"]
-    train_step, eval_step = jit_steps(model_cfg, optimizer, lr_schedule(cfg), shardings, mesh)
+    kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
+    train_step, eval_step = jit_steps(model_cfg, kernels, optimizer, lr_schedule(cfg), shardings, mesh)
     if jax.process_index() == 0 and not cfg.eval_only:  # an evaluation leaves out_dir as it was
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         write_json(Path(cfg.out_dir) / "config.json", cfg.to_dict())
         if meta is not None:  # the run's own vocabulary, for sampling after data/ is prepared again
             prepare.write_file(Path(cfg.out_dir) / "meta.pkl", pickle.dumps(meta))
-    return Run(cfg, model_cfg, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val)
+    return Run(cfg, model_cfg, kernels, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val)
 
 
 def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -194,8 +194,10 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     n_params = num_params(run.state.params)
     flops_per_iter = flops_per_token(run.model_cfg, n_params) * cfg.tokens_per_iter
     log = MetricsLogger(cfg, start, is_main=run.is_main, flops_per_iter=flops_per_iter)
+    k = run.kernels
     log.info(f"{n_params / 1e6:.2f}M parameters (non-embedding); {run.model_cfg.dtype}; mesh "
-             f"{dict(run.mesh.shape)}; {cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start}")
+             f"{dict(run.mesh.shape)}; kernels: attention {k.attention}, matmul {k.matmul}, grad_reduce "
+             f"{k.grad_reduce}; {cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start}")
     last: dict[str, Any] = {"iter": start}
     # The host thread gathers each batch and copies it to the devices ahead of the step.
     prefetch = data_lib.Prefetcher(lambda s: run.to_device(run.batch("train", s)), start,
@@ -281,7 +283,7 @@ def _last_checkpoint(run: Run) -> str:
 def main(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> int:
     """The CLI. tune_cpu (set when run as `python -m gptjax.train`): on a CPU-only machine, run
     the batch data-parallel over the cores as separate XLA devices and keep freed memory for
-    reuse (perf.tune_cpu_host)."""
+    reuse (cpu.tune_host)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(config_lib.help_text())
@@ -290,7 +292,7 @@ def main(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> int:
     try:
         cfg = config_lib.parse_args(argv)
         if tune_cpu:
-            tune_cpu_host(cfg)
+            cpu.tune_host(cfg)
         train(cfg)
     except KeyboardInterrupt:
         exit_now(cfg.out_dir if cfg is not None else None)

@@ -4,6 +4,6 @@ Importable as `tests.nanogpt_ref` from the repository root or as `nanogpt_ref` w
 sys.path; needs torch.
 """
 
-from gptjax.torch_ref import GPT, MLP, Block, CausalSelfAttention, GPTConfig, LayerNorm
+from gptjax.torch_ref import GPT, MLP, Block, CausalSelfAttention, GPTConfig, LayerNorm, nanogpt_lr
 
-__all__ = ["GPT", "GPTConfig", "LayerNorm", "CausalSelfAttention", "MLP", "Block"]
+__all__ = ["GPT", "GPTConfig", "LayerNorm", "CausalSelfAttention", "MLP", "Block", "nanogpt_lr"]

@@ -2,13 +2,10 @@
 
 import json
 import os
-import platform
-import subprocess
-import sys
 
 import pytest
 
-from gptjax import bench, perf
+from gptjax import bench
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=64", "--dataset=none"]
@@ -111,70 +108,3 @@ def test_torch_rows_run_where_gptjax_runs_and_need_cuda_on_a_gpu():
 def test_bench_rejects_bad_keys(capsys):
     assert bench.main(["--no_such_key=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("limit, batch, expected", [("2", 12, 2), ("8", 12, 6), ("4", 7, 1), ("1", 64, 1)])
-def test_cpu_split_divides_the_batch(monkeypatch, limit, batch, expected):
-    monkeypatch.setenv("XLA_FLAGS", "")  # setenv (not delenv of a missing key) restores it afterwards
-    monkeypatch.setenv("GPTJAX_CPU_DEVICES", limit)
-    assert perf.split_cpu_devices(batch) == expected
-    flags = perf.os.environ.get("XLA_FLAGS", "")
-    assert (f"device_count={expected}" in flags) == (expected > 1)
-
-
-def test_cpu_split_respects_user_flags_and_a_started_backend(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
-    assert perf.split_cpu_devices(12) == 1
-    monkeypatch.delenv("XLA_FLAGS")
-    monkeypatch.delenv("GPTJAX_CPU_DEVICES", raising=False)
-    import jax
-
-    jax.devices()  # the backend is up in this process: changing flags now would do nothing
-    assert perf.split_cpu_devices(12) == 1
-    assert "XLA_FLAGS" not in perf.os.environ
-
-
-_REUSE_PROBE = """
-import resource, sys
-import numpy as np
-from gptjax import perf
-applied = perf.keep_freed_memory(2**30) if sys.argv[1] == "1" else False
-def fill():  # a fresh 128 MB block, written through, then freed, as XLA does each step
-    np.ones(32 * 2**20, np.float32).sum()
-fill()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    fill()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="malloc tuning is for Linux with glibc")
-def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
-    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0", "JAX_PLATFORMS": "cpu"}
-    env.pop("GPTJAX_KEEP_MEMORY", None)
-    pages = 5 * 128 * 2**20 // 4096
-
-    def probe(tuned: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, tuned], env=env, check=True,
-                             capture_output=True, text=True).stdout.split()
-        return out[0], int(out[1])
-
-    applied, faults = probe("1")
-    assert applied == "True"
-    assert faults < 0.02 * pages, f"{faults} page faults for {pages} pages of reused memory"
-    _, untuned_faults = probe("0")  # glibc's default: each big block is a fresh mmap
-    assert untuned_faults > 10 * max(faults, 100)
-
-
-def test_keep_freed_memory_only_for_big_steps(monkeypatch):
-    monkeypatch.delenv("GPTJAX_KEEP_MEMORY", raising=False)
-    # nanoGPT's CPU recipe over 2 devices: 0.8 MB buffers, which glibc already reuses
-    small = perf.largest_activation_bytes(batch_size=12, block_size=64, n_embd=128, n_head=4, n_devices=2)
-    assert small == 4 * 6 * 64 * 512 and perf.keep_freed_memory(small) is False
-    # shakespeare_char: (32, 6, 256, 256) attention scores per device, 50 MB
-    big = perf.largest_activation_bytes(batch_size=64, block_size=256, n_embd=384, n_head=6, n_devices=2)
-    assert big == 4 * 32 * 6 * 256 * 256
-    monkeypatch.setenv("GPTJAX_KEEP_MEMORY", "0")
-    assert perf.keep_freed_memory(big) is False

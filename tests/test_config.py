@@ -13,9 +13,10 @@ import pytest
 from gptjax import config as config_lib
 from gptjax.config import (TrainConfig, field_types, find_config_file, from_dict, load_config_file,
                            parse_args, parse_override)
+from gptjax.model import GPTConfig
 from gptjax.prepare import prepare_shakespeare_char
 from gptjax.train import main, setup
-from test_attention import fake_device  # an accelerator as the device tables see it
+from test_kernels import fake_device  # an accelerator as the device tables see it
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -210,3 +211,31 @@ def test_dtype_auto_resolves_for_this_host_and_explicit_dtypes_pass_through():
     assert TrainConfig().resolved_dtype == TrainConfig().model_config(65).dtype == "float32"  # a CPU host
     for dtype in ("float32", "bfloat16", "float16"):
         assert TrainConfig(dtype=dtype).model_config(65).dtype == dtype
+
+
+def test_model_fields_are_declared_once_in_gptconfig():
+    """TrainConfig takes GPTConfig's fields (nanoGPT's flat keys) and its checks: a model mistake
+    reads the same from either, and the run's model config carries every field."""
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    assert model_fields <= {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = parse_args(["--n_layer=3", "--n_head=2", "--n_embd=64", "--layer_norm_eps=1e-6", "--remat=dots"])
+    built = cfg.model_config(65)
+    assert type(built) is GPTConfig
+    assert {k: getattr(built, k) for k in model_fields} == {
+        **{k: getattr(cfg, k) for k in model_fields}, "vocab_size": 65, "dtype": "float32"}
+    for bad, message in ((dict(activation="relu"), "activation='relu' must be one of 'gelu', 'gelu_tanh'"),
+                         (dict(layer_norm_eps=0.0), "layer_norm_eps=0.0 must be positive")):
+        for cls in (GPTConfig, TrainConfig):
+            with pytest.raises(ValueError, match=re.escape(message)):
+                cls(**bad)
+    with pytest.raises(ValueError, match="vocab_size=0 must be positive"):  # 0 means 'the dataset's' only in a run
+        GPTConfig(vocab_size=0)
+
+
+def test_a_model_config_reads_back_from_checkpoint_metadata_with_other_keys():
+    """Metadata holds a run's whole model dict; keys that are not the model's (a kernel choice such
+    as attention) are left out, so every checkpoint and config.json stays readable."""
+    meta = {**dataclasses.asdict(GPTConfig(n_layer=2, n_embd=64, n_head=2)), "attention": "auto"}
+    assert GPTConfig.from_fields(meta) == GPTConfig(n_layer=2, n_embd=64, n_head=2)
+    run = TrainConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=65, dtype="float32")
+    assert from_dict(run.to_dict()) == run

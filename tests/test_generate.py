@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from gptjax import generate as G
-from gptjax.model import GPT, GPTConfig, init_cache, init_params, stack_layers
+from gptjax.kernels import Kernels
+from gptjax.model import GPT, GPTConfig, KVCache, init_cache, init_params, to_scan_layout
+from gptjax.sampling_bench import generate_recompute
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
 # cached vs recomputed float32 logits: different attention code paths and summation orders
@@ -61,7 +63,7 @@ def test_greedy_cache_equals_recompute(cfg, T, N, seed, key_bucket):
     prompt = prompts(2, T, cfg.vocab_size)
     cached = np.asarray(G.generate(params, cfg, prompt, jax.random.PRNGKey(0), N, temperature=0,
                                    key_bucket=key_bucket))
-    reference = G.generate_recompute(params, cfg, prompt, jax.random.PRNGKey(0), N, temperature=0)
+    reference = generate_recompute(params, cfg, prompt, jax.random.PRNGKey(0), N, temperature=0)
     assert cached.shape == (2, N)
     np.testing.assert_array_equal(cached, reference)
     assert len(np.unique(cached)) > min(N, 8) // 2, "degenerate sequence: the check would be weak"
@@ -72,10 +74,14 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
     """Teacher-forced: at every context length, the prefill / one-token decode / cropped-window
     logits the loop uses equal GPT.__call__ on the cropped context (rows of unequal length)."""
     cfg, bs = TINY, TINY.block_size
-    apply = jax.jit(GPT(cfg).apply)
-    window = jax.jit(functools.partial(G._window_logits, key_bucket=key_bucket), static_argnums=(1, 4))
-    decode_rows = jax.jit(functools.partial(G._decode_rows, key_bucket=key_bucket), static_argnums=(1,))
-    decode = jax.jit(functools.partial(GPT(cfg).apply, method=GPT.decode), static_argnums=4)
+    model = GPT(cfg)
+    apply = jax.jit(model.apply)
+    window = jax.jit(functools.partial(G._window_logits, model, key_bucket=key_bucket), static_argnums=(3,))
+
+    @functools.partial(jax.jit, static_argnums=4)
+    def decode(params, tok_BxT, kv, pos, key_bucket):
+        logits, cache = model.apply(params, tok_BxT, cache=KVCache(kv, pos, key_bucket))
+        return logits, cache.kv
     ctx_BxM = prompts(2, 26, cfg.vocab_size, seed=3)
     len_B = np.array([3, 7], np.int32)
 
@@ -86,15 +92,17 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
             return inside_BxbsxV[b, L - 1]
         return apply({"params": tiny_params}, ctx_BxM[b : b + 1, L - bs : L])[0, -1]
 
-    logits_BxV, cache = window(tiny_params, cfg, ctx_BxM, len_B, 7)
+    logits_BxV, kv = window(tiny_params, ctx_BxM, len_B, 7)
     for b in range(2):
         np.testing.assert_allclose(logits_BxV[b], full(b, len_B[b]), atol=ATOL, rtol=RTOL)
     checked = 0
     for t in range(1, 26 - 7):
         L_B = len_B + t
         tok_B = ctx_BxM[np.arange(2), L_B - 1]
-        inc_BxV, cache = decode_rows(tiny_params, cfg, tok_B, cache, np.minimum(L_B - 1, bs - 1))
-        win_BxV, _ = window(tiny_params, cfg, ctx_BxM, L_B, bs)
+        # rows at their own positions in one call
+        inc_Bx1xV, kv = decode({"params": tiny_params}, tok_B[:, None], kv, np.minimum(L_B - 1, bs - 1), key_bucket)
+        inc_BxV = inc_Bx1xV[:, 0]
+        win_BxV, _ = window(tiny_params, ctx_BxM, L_B, bs)
         for b in range(2):
             want = full(b, L_B[b])
             np.testing.assert_allclose(win_BxV[b], want, atol=ATOL, rtol=RTOL)
@@ -102,11 +110,11 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
                 np.testing.assert_allclose(inc_BxV[b], want, atol=ATOL, rtol=RTOL)
                 checked += 1
     assert checked > 10
-    # the shared-position batched decode (equal prompts) against the same reference
+    # one shared position for every row (equal prompts) against the same reference
     for key_bucket in (0, key_bucket):
-        cache = init_cache(cfg, 2)
+        kv = init_cache(cfg, 2).kv
         for L in range(1, bs + 1):
-            step_Bx1xV, cache = decode({"params": tiny_params}, ctx_BxM[:, L - 1 : L], cache, L - 1, key_bucket)
+            step_Bx1xV, kv = decode({"params": tiny_params}, ctx_BxM[:, L - 1 : L], kv, L - 1, key_bucket)
             for b in range(2):
                 np.testing.assert_allclose(step_Bx1xV[b, 0], full(b, L), atol=ATOL, rtol=RTOL)
 
@@ -162,7 +170,7 @@ def test_seeds_streaming_and_top_k_1(tiny_params):
     assert [x.shape[1] for x in chunks] == [8, 8, 8, 6]
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), a)
     # same fold_in keys and sampler: the recompute reference draws the same samples
-    reference = G.generate_recompute(tiny_params, cfg, prompt, jax.random.PRNGKey(7), 30)
+    reference = generate_recompute(tiny_params, cfg, prompt, jax.random.PRNGKey(7), 30)
     np.testing.assert_array_equal(reference, a)
     greedy = run(0, temperature=0)
     np.testing.assert_array_equal(run(3, top_k=1, temperature=0.9), greedy)
@@ -236,12 +244,12 @@ def test_stop_token_rows_stop_independently(tiny_params):
     prompt_BxT, len_B, sampling = G._check(cfg, same, 20, 0.0, None, None, None, None)
     state = G._start(cfg, prompt_BxT, len_B, 20, stop)
     state = G._decode(tiny_params, state, key, jnp.int32(20), sampling, jnp.int32(stop),
-                      cfg=cfg, ragged=False)
+                      model=GPT(cfg), ragged=False, key_bucket=G.KEY_BUCKET)
     assert int(state.t) == first + 1 < 20
     np.testing.assert_array_equal(np.asarray(state.out_BxN)[0, : first + 1], greedy[0, : first + 1])
 
 
-@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the vmapped decode reads prefixes
+@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the per-row positions read prefixes
 def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket):
     cfg = TINY
     lengths = np.array([3, 7, 5, 7])
@@ -253,22 +261,27 @@ def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket):
     out = np.asarray(G.generate(tiny_params, cfg, padded, jax.random.PRNGKey(0), 18, temperature=0,
                                 prompt_lengths=lengths, key_bucket=key_bucket))
     for i, r in enumerate(rows):  # 3 + 17 > 16: each row crosses block_size at its own step
-        alone = G.generate_recompute(tiny_params, cfg, r[None], jax.random.PRNGKey(0), 18, temperature=0)
+        alone = generate_recompute(tiny_params, cfg, r[None], jax.random.PRNGKey(0), 18, temperature=0)
         np.testing.assert_array_equal(out[i], alone[0])
 
 
-def test_remat_and_scanned_models_sample_as_the_plain_one(tiny_params):
-    """Sampling drops remat (training-only) and unstacks scanned layers; GPT.decode itself refuses
-    remat, whose Block cannot take decode's static key_bucket."""
+def test_remat_scanned_and_cpu_kernel_models_sample_as_the_plain_one(tiny_params):
+    """A rematerialised (training-only: ignored on the cache), scanned (its cache stacked too) or
+    CPU-kernel model samples the plain model's greedy tokens; a cached forward refuses dropout."""
     prompt = prompts(2, 4, TINY.vocab_size)
     plain = np.asarray(G.generate(tiny_params, TINY, prompt, jax.random.PRNGKey(0), 12, temperature=0))
+    assert len(np.unique(plain)) > 3
     scanned_remat = dataclasses.replace(TINY, scan_layers=True, remat="full")
-    stacked = stack_layers(tiny_params, TINY.n_layer)
+    stacked = to_scan_layout(tiny_params, TINY.n_layer)
     np.testing.assert_array_equal(
         np.asarray(G.generate(stacked, scanned_remat, prompt, jax.random.PRNGKey(0), 12, temperature=0)), plain)
-    with pytest.raises(ValueError, match="remat='none'"):
-        GPT(dataclasses.replace(TINY, remat="full")).apply(
-            {"params": tiny_params}, prompt[:, :1], init_cache(TINY, 2), 0, method=GPT.decode)
+    cpu_kernels = Kernels(attention="blocked", matmul="cpu", row_blocks=True)
+    np.testing.assert_array_equal(np.asarray(G.generate(tiny_params, TINY, prompt, jax.random.PRNGKey(0), 12,
+                                                        temperature=0, kernels=cpu_kernels)), plain)
+    with pytest.raises(ValueError, match="deterministic=True"):
+        GPT(dataclasses.replace(TINY, dropout=0.1)).apply(
+            {"params": tiny_params}, prompt[:, :1], deterministic=False, cache=init_cache(TINY, 2),
+            rngs={"dropout": jax.random.PRNGKey(0)})
 
 
 def test_bfloat16_compute(tiny_params):
@@ -277,8 +290,8 @@ def test_bfloat16_compute(tiny_params):
     prompt_BxT, len_B, sampling = G._check(cfg16, prompt, 30, 0.0, None, None, None, None)
     state = G._start(cfg16, prompt_BxT, len_B, 30, -1)
     state = G._decode(tiny_params, state, jax.random.PRNGKey(0), jnp.int32(30), sampling, jnp.int32(-1),
-                      cfg=cfg16, ragged=False)
-    assert state.cache[0]["k"].dtype == jnp.bfloat16 and int(state.t) == 30
+                      model=GPT(cfg16), ragged=False, key_bucket=G.KEY_BUCKET)
+    assert state.kv[0]["k"].dtype == jnp.bfloat16 and int(state.t) == 30
     g32 = np.asarray(G.generate(tiny_params, TINY, prompt, jax.random.PRNGKey(0), 30, temperature=0))
     # bf16 rounds activations to 8 mantissa bits: greedy paths may part later, not in the first steps
     np.testing.assert_array_equal(np.asarray(state.out_BxN)[:, :3], g32[:, :3])

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptjax import kernels
 from gptjax.convert import load_hf, load_nanogpt, params_from_state_dict
 from gptjax.model import GPT, GPTConfig, crop_block_size, init_params, num_params
 
@@ -120,7 +121,7 @@ def test_logits_match_nanogpt(bias, tmp_path):
 
 @pytest.mark.parametrize("T, bias", [(16, True), (64, True), (64, False)])
 def test_loss_and_gradients_match_nanogpt(T, bias, tmp_path):
-    """The backward pass (with gptjax.dense's CPU weight-gradient layout, and at T 64 the CPU's
+    """The backward pass of the CPU's kernels (gptjax.cpu's weight-gradient layout and, at T 64,
     causal attention in 2 query blocks) against torch autograd through nanoGPT's model: the loss
     and every parameter's gradient, float32."""
     torch = pytest.importorskip("torch")
@@ -137,7 +138,7 @@ def test_loss_and_gradients_match_nanogpt(T, bias, tmp_path):
     ref_loss.backward()
     with jax.default_matmul_precision("highest"):
         loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(
-            params, GPT(cfg), jnp.asarray(x), jnp.asarray(y))
+            params, GPT(cfg, kernels.for_inference(cfg)), jnp.asarray(x), jnp.asarray(y))
     assert abs(float(loss) - ref_loss.item()) < 1e-5 * ref_loss.item()
     ours = nanogpt_state_dict(grads, cfg)
     checked = 0

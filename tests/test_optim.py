@@ -12,7 +12,8 @@ import pytest
 
 from gptjax.config import TrainConfig
 from gptjax.model import GPTConfig, init_params
-from gptjax.optim import decay_mask, lr_schedule, make_optimizer, nanogpt_lr
+from gptjax.optim import decay_mask, lr_schedule, make_optimizer
+from gptjax.torch_ref import nanogpt_lr
 
 SCHED = TrainConfig(learning_rate=6e-4, min_lr=6e-5, warmup_iters=100, lr_decay_iters=1000)
 TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)

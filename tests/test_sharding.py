@@ -26,6 +26,7 @@ import _sharding_worker as worker
 from gptjax import data, sharding
 from gptjax.checkpoint import load_inference
 from gptjax.config import TrainConfig
+from gptjax.kernels import Kernels
 from gptjax.optim import make_optimizer
 from gptjax.step import _init_state
 from gptjax.train import Run
@@ -90,7 +91,7 @@ def test_state_shardings_split_big_params_and_their_adam_moments():
     cfg = dataclasses.replace(worker.tiny_config("unused", "unused"), bias=True)  # biases stay whole
     model_cfg = cfg.model_config()
     optimizer = make_optimizer(cfg)
-    abstract = jax.eval_shape(lambda k: _init_state(k, model_cfg, optimizer, 0), jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(lambda: _init_state(model_cfg, optimizer, 0))
     specs = sharding.state_shardings(abstract, AbstractMesh((2, 4), sharding.DATA_AXES))
     params = jax.tree_util.tree_map(lambda s: s.spec, specs.params)
     block = params["h_0"]
@@ -109,17 +110,16 @@ def test_state_shardings_split_big_params_and_their_adam_moments():
     assert specs.step.spec == P() and specs.rng.spec == P()
 
 
-def test_constrain_batch_pins_the_batch_dim_only_inside_a_mesh():
-    mesh = AbstractMesh((2, 4), sharding.DATA_AXES)
-    double = lambda x: sharding.constrain_batch(x) * 2  # noqa: E731
+def test_kernels_pin_the_batch_dim_only_where_it_divides():
+    mesh = sharding.make_mesh()
+    pinned = Kernels(batch_sharding=jax.sharding.NamedSharding(mesh, P(sharding.DATA_AXES)))
 
-    def constraints(fn, rows):
-        jaxpr = jax.make_jaxpr(fn)(jnp.ones((rows, 3)))
+    def constraints(kernels, rows):
+        jaxpr = jax.make_jaxpr(lambda x: kernels.pin_batch(x) * 2)(jnp.ones((rows, 3)))
         return [e.params["sharding"].spec for e in jaxpr.eqns if e.primitive.name == "sharding_constraint"]
 
-    assert constraints(sharding.under_mesh(double, mesh), 16) == [P(("data", "fsdp"))]
-    assert constraints(sharding.under_mesh(double, mesh), 12) == []  # 12 rows do not split 8 ways
-    assert constraints(double, 16) == []  # no mesh: sampling and single-device code are untouched
+    assert constraints(pinned, 16) == [P(("data", "fsdp"))]
+    assert constraints(Kernels(), 16) == []  # no batch sharding: sampling and one-device programs
 
 
 def test_batch_that_does_not_divide_is_a_clear_error():
@@ -235,6 +235,18 @@ def test_sharded_training_with_accumulation_matches_one_device(data_dir, tmp_pat
     n_values = 1 + sum(int(np.prod(v.shape)) for v in _load(tmp_path / "d8" / "2x4x2" / "params.npz").values())
     assert results[8]["8x1x2"]["all_reduce_shapes"] == [f"f32[{n_values}]{{0}}"]
     assert results[1]["1x1x2"]["all_reduce_shapes"] == []
+
+
+def test_xla_data_parallel_reduction_matches_one_device(data_dir, tmp_path):
+    """The GPU/TPU default for pure data parallelism: XLA's own gradient reductions (one all-reduce
+    operand per parameter, which the partitioner may overlap with the backward pass) over 8 devices
+    give one device's losses, gradients, parameters, evaluation and samples."""
+    results = _run_worker(tmp_path, data_dir, {1: ("1x1x2", "1x1x2"), 8: ("8x1x2", "8x1x2")},
+                          overrides=["--grad_reduce=xla"])
+    _check_against_one_device(tmp_path / "d8", "8x1x2", results[8]["8x1x2"], tmp_path / "d1", "1x1x2",
+                              results[1]["1x1x2"])
+    n_values = 1 + sum(int(np.prod(v.shape)) for v in _load(tmp_path / "d8" / "8x1x2" / "params.npz").values())
+    assert f"f32[{n_values}]{{0}}" not in results[8]["8x1x2"]["all_reduce_shapes"]  # not the flat buffer
 
 
 def test_query_block_attention_on_a_partitioned_mesh_matches_one_device(data_dir, tmp_path):

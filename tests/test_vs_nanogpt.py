@@ -9,7 +9,7 @@ import pytest
 
 import test_train
 from gptjax.convert import nanogpt_state_dict
-from gptjax.optim import nanogpt_lr
+from gptjax.torch_ref import nanogpt_lr
 from gptjax.train import setup
 from test_train import tiny
 

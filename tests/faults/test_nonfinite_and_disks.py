@@ -128,7 +128,7 @@ def test_full_disk_at_save_time_is_a_clear_error_and_keeps_the_previous_checkpoi
     out = space.fresh("disk-full", like=reference.out)
     before = snapshot(out)
     child = space.run("disk-full", args(out, space.data, init_from="resume", max_iters=M + 4),
-                      file_size_limit=48 << 10)
+                      file_size_limit=40 << 10)
     assert child.proc.returncode == 2, child.output()[-3000:]
     errors = error_lines(child)
     assert len(errors) == 1, child.output()[-3000:]

@@ -1,0 +1,142 @@
+"""Sampling speed, for `python -m gptjax.bench --sample=N`: gptjax's KV-cache `generate` against
+full recomputation, nanoGPT's algorithm, both in gptjax (`generate_recompute`, also the reference
+the KV cache is tested against) and in PyTorch (nanoGPT's own `generate`)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from gptjax import kernels as kernels_lib
+from gptjax.bench import Row, _torch_setup, say, torch_device
+from gptjax.config import TrainConfig
+from gptjax.generate import Sampling, _check, generate, generate_stream, sample_logits
+from gptjax.kernels import Kernels
+from gptjax.model import GPT, GPTConfig, init_params
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _recompute_step(params, ctx_BxW, last, key, sampling: Sampling, *, model: GPT):
+    logits_BxV = model.apply({"params": params}, ctx_BxW, logits_at=jnp.full((ctx_BxW.shape[0],), last))
+    return sample_logits(logits_BxV, key, sampling)
+
+
+def _bucket_width(L: int, bucket: int, block_size: int) -> int:
+    return min(-(-L // bucket) * bucket, block_size)
+
+
+def generate_recompute(
+    params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, vocab_limit: int | None = None,
+    bucket: int = 16, progress: bool = False, kernels: Kernels | None = None,
+) -> np.ndarray:
+    """nanoGPT's generate, the reference: every token from a full forward (no cache) over the
+    context cropped to its last block_size tokens, one jitted call per token. Equal-length prompts
+    only. The context is right-padded to a multiple of `bucket` so only ~block_size/bucket shapes
+    compile; causal attention keeps the padding from reaching the last real token. progress: a
+    progress bar on stderr."""
+    _, _, sampling = _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_limit, None)
+    model = GPT(cfg, kernels or Kernels())
+    ctx_BxT = np.asarray(prompt_tokens, np.int32)  # uncropped, as nanoGPT's idx
+    T0 = ctx_BxT.shape[1]
+    for t in tqdm(range(max_new_tokens), desc="gptjax recompute", unit="tok", disable=not progress, file=sys.stderr):
+        cond_BxL = ctx_BxT[:, -cfg.block_size:]
+        L = cond_BxL.shape[1]
+        win_BxW = np.pad(cond_BxL, ((0, 0), (0, _bucket_width(L, bucket, cfg.block_size) - L)))
+        tok_B = _recompute_step(params, win_BxW, L - 1, jax.random.fold_in(key, t), sampling, model=model)
+        ctx_BxT = np.concatenate([ctx_BxT, np.asarray(tok_B)[:, None]], axis=1)
+    return ctx_BxT[:, T0:]
+
+
+def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
+                       temperature: float = 0.8, top_k: int | None = 200, bucket: int = 16,
+                       progress: Callable[[str], None] | None = None) -> dict:
+    """Tokens/s of `generate` (KV cache) and `generate_recompute` (nanoGPT) after compiling both
+    (compile seconds reported apart). params=None: random weights (speed does not depend on them).
+    progress: called with a line naming each phase, which also turns on progress bars."""
+    say = progress or (lambda message: None)
+    params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
+    kernels = kernels_lib.for_inference(cfg)
+    model = GPT(cfg, kernels)
+    prompt_BxT = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, cfg.vocab_size))
+    key = jax.random.PRNGKey(2)
+    kw = dict(temperature=temperature, top_k=top_k)
+
+    say(f"sampling {new_tokens} tokens: compiling gptjax's KV-cache loop and nanoGPT's recomputation")
+    t0 = time.perf_counter()  # compile: the cached loop, run for one token
+    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=1, kernels=kernels, **kw))
+    cache_compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the reference: once per context width it will meet
+    _, _, sampling = _check(cfg, prompt_BxT, new_tokens, temperature, top_k, None, None, None)
+    prompt_len = min(prompt_len, cfg.block_size)
+    widths = sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
+                     for t in range(new_tokens)})
+    for W in tqdm(widths, desc="compiling recompute widths", disable=progress is None, file=sys.stderr):
+        ctx_BxW = np.zeros((batch, W), np.int32)
+        jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, model=model))
+    recompute_compile_s = time.perf_counter() - t0
+
+    say(f"sampling {new_tokens} tokens: gptjax KV cache (one compiled loop)")
+    t0 = time.perf_counter()
+    jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw))
+    cache_s = time.perf_counter() - t0
+    say(f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)")
+    t0 = time.perf_counter()
+    generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress is not None,
+                       kernels=kernels, **kw)
+    recompute_s = time.perf_counter() - t0
+    n = batch * new_tokens
+    return dict(
+        cache_tokens_per_s=n / cache_s,
+        recompute_tokens_per_s=n / recompute_s,
+        speedup=recompute_s / cache_s,
+        cache_s=cache_s,
+        recompute_s=recompute_s,
+        cache_compile_s=cache_compile_s,
+        recompute_compile_s=recompute_compile_s,
+    )
+
+
+def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool) -> list[Row]:
+    """Tokens/s of generated tokens at batch 1: KV cache vs full recomputation (and PyTorch's)."""
+    model_cfg = cfg.model_config(vocab_size)
+    params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
+    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1, progress=say)
+    rows = [
+        Row("gptjax-sample-cache", name, 1e3 / result["cache_tokens_per_s"], result["cache_tokens_per_s"],
+            float("nan"), result.get("cache_compile_s", float("nan"))),
+        Row("gptjax-sample-recompute", name, 1e3 / result["recompute_tokens_per_s"],
+            result["recompute_tokens_per_s"], float("nan"), result.get("recompute_compile_s", float("nan"))),
+    ]
+    if compare_torch:
+        from gptjax import torch_ref
+
+        device = torch_device()
+        torch, autocast = _torch_setup(cfg, device)
+        torch.manual_seed(cfg.seed)
+        model = torch_ref.GPT(torch_ref.GPTConfig(
+            block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+            n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval().to(device)
+        idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+        say(f"sampling {new_tokens} tokens: PyTorch (nanoGPT's generate, full recomputation)")
+        with autocast, tqdm(total=new_tokens, desc="torch recompute", unit="tok", file=sys.stderr) as bar:
+            model.generate(idx, 8)  # warm-up
+            start = time.perf_counter()
+            # in chunks for the progress bar: generate continues from the context it is given, so
+            # this samples as one call would
+            while bar.n < new_tokens:
+                chunk = min(max(new_tokens // 20, 1), new_tokens - bar.n)
+                idx = model.generate(idx, chunk, top_k=200)
+                bar.update(chunk)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        dt = (time.perf_counter() - start) / new_tokens
+        rows.append(Row("torch-sample-recompute", name, dt * 1e3, 1 / dt, float("nan"), 0.0))
+    return rows

@@ -1,0 +1,264 @@
+"""gptjax.cpu, each piece against the plain JAX it replaces: the Dense product whose weight
+gradient is laid out for XLA's CPU kernels (and its compiled weight gradient really avoids the dot
+form XLA's CPU backend leaves to its slow generic kernel), causal attention in query blocks
+(values, gradients, dropout, the blocks really skipped), and the host settings."""
+
+import os
+import platform
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax import linen as nn
+
+from gptjax import cpu
+from gptjax.attention import masked_attention
+
+DENSE_DIMS = lambda x: (((x.ndim - 1,), (0,)), ((), ()))  # noqa: E731
+
+
+def _plain(x, w):
+    return jax.lax.dot_general(x, w, DENSE_DIMS(x))
+
+
+def _value_and_grads(matmul, x, w, r):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(matmul(x, w) * r), argnums=(0, 1)))(x, w)
+
+
+# (x shape, (C, D)): narrower input (x transposed), narrower output (dy transposed), square, 2-D x
+CASES = [((3, 5, 8), (8, 24)), ((3, 5, 24), (24, 8)), ((2, 7, 16), (16, 16)), ((11, 12), (12, 20))]
+
+
+@pytest.mark.parametrize("x_shape,w_shape", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_gradients_match_the_plain_product(x_shape, w_shape):
+    rng = np.random.default_rng(0)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
+    r = jnp.asarray(rng.standard_normal(x_shape[:-1] + w_shape[1:]), jnp.float32)
+    value, (dx, dw) = _value_and_grads(cpu.matmul, x, w, r)
+    ref_value, (ref_dx, ref_dw) = _value_and_grads(_plain, x, w, r)
+    assert dx.shape == x.shape and dw.shape == w.shape
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(ref_dw)).max() > 1.0  # a real gradient, not zeros matching zeros
+
+
+def test_bfloat16_gradients_keep_their_dtype_and_values():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 6, 16)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((16, 48)), jnp.bfloat16)
+    r = jnp.asarray(rng.standard_normal((4, 6, 48)), jnp.bfloat16)
+    _, (dx, dw) = _value_and_grads(cpu.matmul, x, w, r)
+    _, (ref_dx, ref_dw) = _value_and_grads(_plain, x, w, r)
+    assert dx.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(ref_dw, np.float32), rtol=2e-2, atol=5e-2)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(ref_dx, np.float32), rtol=2e-2, atol=5e-2)
+
+
+def _weight_gradient_dots(matmul, C, D, M=384):
+    x = jnp.ones((M, C), jnp.float32)
+    w = jnp.ones((C, D), jnp.float32)
+    hlo = jax.jit(jax.grad(lambda w: jnp.sum(jnp.sin(matmul(jnp.cos(x), w))))).lower(w).compile().as_text()
+    return re.findall(r"dot\([^\n]*?lhs_contracting_dims=\{(\d)\}", hlo)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA CPU layout property")
+@pytest.mark.parametrize("C,D", [(128, 512), (512, 128)])
+def test_cpu_weight_gradient_contracts_the_minor_dimension(C, D):
+    """XLA's own gradient contracts the tokens as the left operand's major dimension (the form its
+    CPU backend sends to Eigen); ours leaves only minor-dimension contractions (YNNPACK's)."""
+    assert "0" in _weight_gradient_dots(_plain, C, D)
+    ours = _weight_gradient_dots(cpu.matmul, C, D)
+    assert ours and "0" not in ours
+
+
+def test_dense_dot_general_takes_the_custom_gradient_for_dense_products_only():
+    x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+    batched_w = jnp.ones((2, 4, 5))
+
+    def uses_custom_vjp(w, dims):
+        jaxpr = jax.make_jaxpr(lambda x, w: cpu.dense_dot_general(False)(x, w, dims))(x, w)
+        return "custom_vjp_call" in str(jaxpr)
+
+    assert uses_custom_vjp(w, DENSE_DIMS(x))
+    assert not uses_custom_vjp(batched_w, (((2,), (1,)), ((0,), (0,))))  # a batched product: XLA's dot
+
+
+def test_tall_products_in_row_blocks_match_the_plain_product(monkeypatch):
+    """Row blocks (taken from 4096 rows on, lowered here to 64) give the same values and
+    gradients, and are really taken: the products run in scans over the blocks."""
+    blocked = lambda x, w: cpu.matmul(x, w, True)  # noqa: E731
+    monkeypatch.setattr(cpu, "CHUNK_MIN_ROWS", 64)
+    monkeypatch.setattr(cpu, "CHUNK_ROWS", 16)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((4, 32, 24)), jnp.float32)  # 128 rows: 8 blocks
+    w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((4, 32, 40)), jnp.float32)
+    assert "scan" in str(jax.make_jaxpr(blocked)(x, w))
+    # forward product and input gradient (contraction 40 <= 512) both in blocks
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(blocked(x, w) * r)))(x, w))
+    assert grad_jaxpr.count("scan[") == 2
+    np.testing.assert_allclose(jax.jit(blocked)(x, w), _plain(x, w), rtol=1e-5, atol=1e-5)
+    value, (dx, dw) = _value_and_grads(blocked, x, w, r)
+    ref_value, (ref_dx, ref_dw) = _value_and_grads(_plain, x, w, r)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+    assert "scan" not in str(jax.make_jaxpr(lambda x, w: cpu.matmul(x, w, False))(x, w))  # not asked for
+    monkeypatch.setattr(cpu, "CHUNK_MIN_ROWS", 4096)
+    x_fewer_rows = x[:3]  # a new shape, so traced afresh (JAX caches the trace per shape)
+    assert "scan" not in str(jax.make_jaxpr(blocked)(x_fewer_rows, w))
+
+
+# --- causal attention in query blocks ---
+
+
+def qkv(B, T, N, H, seed=0, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return [jax.random.normal(k, (B, T, N, H), dtype) for k in keys]
+
+
+def causal_reference(q, k, v):
+    T = q.shape[1]
+    with jax.default_matmul_precision("highest"):
+        return masked_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
+
+
+@pytest.mark.parametrize("T, n_blocks", [(16, 1), (16, 2), (16, 4), (10, 4), (12, 5), (7, 7)])
+def test_blocked_matches_masked_softmax_values_and_gradients(T, n_blocks):
+    """Equal and uneven blocks (T 10 in 4: 2, 3, 2, 3 rows), float32: rtol 1e-5."""
+    q, k, v = qkv(2, T, 3, 8, seed=T + n_blocks)
+    w = jax.random.normal(jax.random.PRNGKey(9), q.shape)  # a non-uniform cotangent
+
+    def loss(f):
+        return lambda q, k, v: (f(q, k, v) * w).sum()
+
+    with jax.default_matmul_precision("highest"):
+        blocked = jax.jit(lambda q, k, v: cpu.blocked_causal_attention(q, k, v, n_blocks))
+        out = blocked(q, k, v)
+        grads = jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v)
+        ref_grads = jax.grad(loss(causal_reference), argnums=(0, 1, 2))(q, k, v)
+    ref = causal_reference(q, k, v)
+    assert np.abs(np.asarray(ref)).max() > 0.1
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert np.abs(np.asarray(r)).max() > 0.1
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_really_skip_the_masked_score_blocks():
+    """4 blocks of 4 queries: the score products cover 4+8+12+16 = 40 of 64 rows x keys."""
+    q, k, v = qkv(1, 16, 2, 5)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: cpu.blocked_causal_attention(q, k, v, 4))(q, k, v)
+    score_shapes = [eqn.outvars[0].aval.shape for eqn in jaxpr.eqns
+                    if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] != 5]
+    assert score_shapes == [(1, 2, 4, 4), (1, 2, 4, 8), (1, 2, 4, 12), (1, 2, 4, 16)]
+
+
+def test_bfloat16_keeps_float32_scores():
+    q, k, v = qkv(2, 16, 2, 8, dtype=jnp.bfloat16)
+    out = cpu.blocked_causal_attention(q, k, v, 2)
+    assert out.dtype == jnp.bfloat16
+    ref = causal_reference(*(a.astype(jnp.float32) for a in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2)
+
+
+def test_query_blocks():
+    assert [cpu.query_blocks(t) for t in (1, 16, 32, 64, 100, 128, 256, 1024)] == [1, 1, 1, 2, 3, 4, 4, 4]
+
+
+class _DropoutAttention(nn.Module):
+    n_blocks: int
+
+    @nn.compact
+    def __call__(self, q, k, v):
+        return cpu.blocked_causal_attention(q, k, v, self.n_blocks, nn.Dropout(0.5), deterministic=False)
+
+
+def test_dropout_in_blocks_is_keyed_and_keeps_the_expectation():
+    """Attention dropout inside the blocks: reproducible per key, new masks per key, every block
+    dropped independently, and an unbiased estimate of the attention without dropout."""
+    q, k, v = qkv(8, 16, 2, 4, seed=3)
+    module = _DropoutAttention(4)
+    run = jax.jit(lambda key: module.apply({}, q, k, v, rngs={"dropout": key}))
+    a, b, c = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    mean = np.mean([np.asarray(run(jax.random.PRNGKey(i))) for i in range(200)], axis=0)
+    ref = np.asarray(causal_reference(q, k, v))
+    assert np.abs(mean - ref).mean() < 0.1 * np.abs(ref).mean()
+
+
+# --- host settings ---
+
+
+@pytest.mark.parametrize("limit, batch, expected", [("2", 12, 2), ("8", 12, 6), ("4", 7, 1), ("1", 64, 1)])
+def test_cpu_split_divides_the_batch(monkeypatch, limit, batch, expected):
+    monkeypatch.setenv("XLA_FLAGS", "")  # setenv (not delenv of a missing key) restores it afterwards
+    monkeypatch.setenv("GPTJAX_CPU_DEVICES", limit)
+    assert cpu.split_devices(batch) == expected
+    flags = cpu.os.environ.get("XLA_FLAGS", "")
+    assert (f"device_count={expected}" in flags) == (expected > 1)
+
+
+def test_cpu_split_respects_user_flags_and_a_started_backend(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    assert cpu.split_devices(12) == 1
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.delenv("GPTJAX_CPU_DEVICES", raising=False)
+    import jax
+
+    jax.devices()  # the backend is up in this process: changing flags now would do nothing
+    assert cpu.split_devices(12) == 1
+    assert "XLA_FLAGS" not in cpu.os.environ
+
+
+_REUSE_PROBE = """
+import resource, sys
+import numpy as np
+from gptjax import cpu
+applied = cpu.keep_freed_memory(2**30) if sys.argv[1] == "1" else False
+def fill():  # a fresh 128 MB block, written through, then freed, as XLA does each step
+    np.ones(32 * 2**20, np.float32).sum()
+fill()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    fill()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc tuning is for Linux with glibc")
+def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
+    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0", "JAX_PLATFORMS": "cpu"}
+    env.pop("GPTJAX_KEEP_MEMORY", None)
+    pages = 5 * 128 * 2**20 // 4096
+
+    def probe(tuned: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, tuned], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        return out[0], int(out[1])
+
+    applied, faults = probe("1")
+    assert applied == "True"
+    assert faults < 0.02 * pages, f"{faults} page faults for {pages} pages of reused memory"
+    _, untuned_faults = probe("0")  # glibc's default: each big block is a fresh mmap
+    assert untuned_faults > 10 * max(faults, 100)
+
+
+def test_keep_freed_memory_only_for_big_steps(monkeypatch):
+    monkeypatch.delenv("GPTJAX_KEEP_MEMORY", raising=False)
+    # nanoGPT's CPU recipe over 2 devices: 0.8 MB buffers, which glibc already reuses
+    small = cpu.largest_activation_bytes(batch_size=12, block_size=64, n_embd=128, n_head=4, n_devices=2)
+    assert small == 4 * 6 * 64 * 512 and cpu.keep_freed_memory(small) is False
+    # shakespeare_char: (32, 6, 256, 256) attention scores per device, 50 MB
+    big = cpu.largest_activation_bytes(batch_size=64, block_size=256, n_embd=384, n_head=6, n_devices=2)
+    assert big == 4 * 32 * 6 * 256 * 256
+    monkeypatch.setenv("GPTJAX_KEEP_MEMORY", "0")
+    assert cpu.keep_freed_memory(big) is False

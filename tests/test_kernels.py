@@ -1,0 +1,172 @@
+"""gptjax.kernels: what `choose` picks for each backend and mesh, and every kernel choice, asked
+for by name on this CPU, computing the plain model's loss and gradients; the GPU/TPU defaults
+(XLA attention, XLA products) included."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import kernels
+from gptjax.kernels import Kernels
+from gptjax.model import GPT, GPTConfig, init_params
+from gptjax.sharding import make_mesh
+from gptjax.step import loss_fn
+
+# T 64: two query blocks for the blocked attention
+CFG = GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+
+
+def fake_device(platform="gpu", version="cuda 12080", capability="9.0"):
+    """A jax device as gptjax reads it: an H100 unless told otherwise."""
+    return SimpleNamespace(platform=platform, client=SimpleNamespace(platform_version=version),
+                           compute_capability=capability)
+
+
+CPU = jax.devices("cpu")[0]
+
+
+@pytest.mark.parametrize("device, dtype, head_size, expected", [
+    (fake_device(), jnp.bfloat16, 64, "cudnn"),  # H100, GPT-2's heads
+    (fake_device(capability="8.0"), jnp.float16, 128, "cudnn"),  # A100
+    (fake_device(), jnp.float32, 64, "xla"),  # cuDNN's flash attention is bf16/fp16 only
+    (fake_device(), jnp.bfloat16, 12, "xla"),  # head size not a multiple of 8
+    (fake_device(), jnp.bfloat16, 256, "xla"),  # above what every cuDNN GPU takes
+    (fake_device(capability="7.0"), jnp.float16, 64, "xla"),  # V100: before Ampere
+    (fake_device(version="rocm 6.2"), jnp.bfloat16, 64, "xla"),  # an AMD GPU: no cuDNN
+    (fake_device(platform="tpu", version="PJRT C API"), jnp.bfloat16, 64, "xla"),
+])
+def test_fused_attention_impl_picks_cudnn_only_where_cudnn_takes_it(device, dtype, head_size, expected):
+    assert kernels.fused_attention_impl(dtype, head_size, device) == expected
+
+
+def test_choose_on_one_cpu_device():
+    k = kernels.choose([CPU], dtype="float32", head_size=16)
+    assert k == Kernels(attention="blocked", matmul="cpu", row_blocks=True, grad_reduce="xla")
+
+
+def test_choose_on_a_gpu_and_a_tpu_takes_xla_everywhere_but_cudnn_attention():
+    mesh = make_mesh()  # this process's one CPU device stands in for the layout
+    gpu = kernels.choose([fake_device()], dtype="bfloat16", head_size=64, mesh=mesh)
+    assert gpu == Kernels(attention="cudnn", cudnn_fallback=True, matmul="xla", row_blocks=False, grad_reduce="xla")
+    tpu = kernels.choose([fake_device("tpu", "PJRT C API")], dtype="bfloat16", head_size=64)
+    assert tpu == Kernels()
+    named = kernels.choose([fake_device()], dtype="bfloat16", head_size=64, attention="cudnn")
+    assert named.attention == "cudnn" and not named.cudnn_fallback  # asked for by name: no fallback
+
+
+class _Mesh(SimpleNamespace):
+    """The parts of a Mesh `choose` reads, for device counts this process does not have."""
+
+    @property
+    def size(self):
+        return self.shape["data"] * self.shape["fsdp"]
+
+
+def test_choose_reduces_flat_only_for_pure_data_parallelism_on_cpu(monkeypatch):
+    monkeypatch.setattr(kernels, "NamedSharding", lambda mesh, spec: ("pinned", spec))
+    dp, fsdp = _Mesh(shape={"data": 2, "fsdp": 1}), _Mesh(shape={"data": 1, "fsdp": 2})
+    flat = kernels.choose([CPU], dtype="float32", head_size=16, mesh=dp)
+    assert (flat.grad_reduce, flat.row_blocks, flat.batch_sharding) == ("flat", True, None)
+    # dropout stays with the global program; so does FSDP, and an accelerator's data parallelism
+    for k in (kernels.choose([CPU], dtype="float32", head_size=16, mesh=dp, dropout=0.1),
+              kernels.choose([CPU], dtype="float32", head_size=16, mesh=fsdp),
+              kernels.choose([fake_device()], dtype="bfloat16", head_size=64, mesh=dp)):
+        assert k.grad_reduce == "xla" and not k.row_blocks and k.batch_sharding is not None
+    assert kernels.choose([CPU], dtype="float32", head_size=16, mesh=dp, grad_reduce="xla").grad_reduce == "xla"
+    with pytest.raises(ValueError, match="grad_reduce='flat' needs pure data parallelism"):
+        kernels.choose([CPU], dtype="float32", head_size=16, mesh=fsdp, grad_reduce="flat")
+    with pytest.raises(ValueError, match="attention='fast' is not one of"):
+        kernels.choose([CPU], dtype="float32", head_size=16, attention="fast")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    x = jax.random.randint(jax.random.PRNGKey(1), (2, CFG.block_size), 0, CFG.vocab_size)
+    return x, jnp.roll(x, -1, axis=1)
+
+
+@pytest.fixture(scope="module")
+def reference(batch):
+    """Loss and gradients of the plain model: the masked softmax written out, XLA's products."""
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    with jax.default_matmul_precision("highest"):
+        return params, jax.value_and_grad(loss_fn)(params, GPT(CFG, Kernels(attention="plain")), *batch)
+
+
+@pytest.mark.parametrize("chosen", [
+    Kernels(attention="xla"),  # the GPU/TPU default (and cuDNN's fallback)
+    Kernels(attention="blocked"),
+    Kernels(attention="xla", matmul="cpu"),
+    Kernels(attention="blocked", matmul="cpu", row_blocks=True),  # the CPU default
+], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}")
+def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
+    """float32: loss within 1e-6 relative, gradients within 1e-4 (reassociation only)."""
+    params, (ref_loss, ref_grads) = reference
+    with jax.default_matmul_precision("highest"):
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(params, GPT(CFG, chosen), *batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref_grads)) > 1e-2
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_blocked_attention_really_runs_in_blocks(batch):
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    count = lambda k: str(jax.make_jaxpr(lambda p: GPT(CFG, k).apply({"params": p}, batch[0]))(params)).count(  # noqa: E731
+        "concatenate")
+    assert count(Kernels(attention="blocked")) >= CFG.n_layer > count(Kernels(attention="xla"))
+
+
+def test_the_model_asks_jax_for_the_named_attention(monkeypatch, batch):
+    """jax.nn.dot_product_attention's own default is XLA's attention everywhere: the model passes
+    the kernel the record names."""
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kwargs)  # this host has no cuDNN
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    for name in ("cudnn", "xla"):
+        GPT(CFG, Kernels(attention=name)).apply({"params": params}, batch[0])
+    assert asked == ["cudnn"] * CFG.n_layer + ["xla"] * CFG.n_layer
+
+
+def test_cudnn_falls_back_to_xla_when_it_refuses_and_was_chosen_automatically(monkeypatch, batch):
+    """cuDNN chosen by 'auto' but refused by jax's checks (as with too old a cuDNN): the layer
+    warns and computes XLA's attention. Asked for by name, the error stands."""
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    want = GPT(cfg, Kernels(attention="xla")).apply({"params": params}, batch[0])
+    real = jax.nn.dot_product_attention
+
+    def cudnn_refuses(*args, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            raise RuntimeError("JAX requires cuDNN >= 8.9.4 to use flash cross attention.")
+        return real(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_refuses)
+    with pytest.warns(UserWarning, match=r"cuDNN attention is not available here \(JAX requires cuDNN"):
+        got = GPT(cfg, Kernels(attention="cudnn", cudnn_fallback=True)).apply({"params": params}, batch[0])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(RuntimeError, match="requires cuDNN"):
+        GPT(cfg, Kernels(attention="cudnn")).apply({"params": params}, batch[0])
+
+
+def test_model_code_detects_no_backend():
+    """What a config builds depends only on the record it is given (the issue this module solves)."""
+    from pathlib import Path
+
+    import gptjax
+
+    root = Path(gptjax.__file__).parent
+    for name in ("model.py", "attention.py", "generate.py", "step.py"):
+        text = (root / name).read_text()
+        for probe in ("default_backend(", "jax.devices(", "get_abstract_mesh(", "device_count("):
+            assert probe not in text, f"{name} calls {probe}"
