@@ -76,13 +76,18 @@ class TrainConfig(GPTConfig):
     gradient_accumulation_steps: int = 40  # micro-batches per optimizer step
     batch_size: int = 12  # micro-batch size, global over all devices and hosts
     prefetch: int = 2  # batches prepared ahead of the device on a host thread
-    # optimizer: AdamW
-    learning_rate: float = 6e-4
+    # optimizer: adamw | muon (Muon for the blocks' matrices, AdamW for embeddings, head, norms, biases)
+    optimizer: str = "adamw"
+    learning_rate: float = 6e-4  # AdamW's (muon: that of the norms and biases, and the schedule's peak)
     max_iters: int = 600000
     weight_decay: float = 1e-1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # clip gradients at this global norm; 0 disables
+    muon_lr: float = 0.02  # muon: the block matrices' learning rate
+    muon_momentum: float = 0.95  # muon: Nesterov momentum
+    embedding_lr: float = 0.0  # muon: AdamW's learning rate for wte/wpe (0: learning_rate)
+    head_lr: float = 0.0  # muon: AdamW's learning rate for an untied lm_head (0: learning_rate)
     # learning-rate schedule
     decay_lr: bool = True
     warmup_iters: int = 2000
@@ -103,13 +108,20 @@ class TrainConfig(GPTConfig):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}={getattr(self, name)} must be positive")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
-                     "warmup_iters", "lr_decay_iters", "prefetch"):
+                     "warmup_iters", "lr_decay_iters", "prefetch", "muon_lr", "embedding_lr", "head_lr"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}={getattr(self, name)} must not be negative")
+        for name in ("beta1", "beta2", "muon_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                errors.append(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.optimizer == "muon" and self.learning_rate <= 0:
+            errors.append("optimizer='muon' scales every group's learning rate by the schedule of learning_rate, "
+                          f"which is {self.learning_rate}: set a positive learning_rate")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             errors.append(f"warmup_iters={self.warmup_iters} is larger than lr_decay_iters={self.lr_decay_iters}")
         for name, allowed in (("attention", kernels.ATTENTION), ("matmul", kernels.MATMUL),
-                              ("grad_reduce", kernels.GRAD_REDUCE), ("nonfinite", ("stop", "skip"))):
+                              ("grad_reduce", kernels.GRAD_REDUCE), ("nonfinite", ("stop", "skip")),
+                              ("optimizer", ("adamw", "muon"))):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")
         if "://" in self.out_dir:

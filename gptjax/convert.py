@@ -270,9 +270,17 @@ def load_hf(path_or_name, dtype: str = "float32") -> tuple[dict, GPTConfig]:
     return params, cfg
 
 
+def _refuse_modern(cfg: GPTConfig, target: str) -> None:
+    if cfg.not_gpt2():
+        raise ValueError(f"{target} cannot hold this model ({', '.join(cfg.not_gpt2())}): GPT-2's formats have "
+                         "learned positions, LayerNorm, a tied head and no soft-cap; keep it as a gptjax run "
+                         "(gptjax.sample, gptjax.train --init_from=resume read it)")
+
+
 def save_hf(params, cfg: GPTConfig, out_dir) -> Path:
     """Write config.json + model.safetensors that `GPT2LMHeadModel.from_pretrained` loads.
     HF GPT-2 always has biases: a bias=False model is written with zero biases (same function)."""
+    _refuse_modern(cfg, "HF's GPT-2")
     state = _params_to_state(params, cfg, transpose=False)
     if not cfg.bias:
         biased = dataclasses.replace(cfg, bias=True)
@@ -365,6 +373,7 @@ def save_nanogpt(params, cfg: GPTConfig, path, extra: dict | None = None,
     `GPT.state_dict()`, tied `lm_head.weight`, no mask buffer). `extra` adds or overrides
     top-level entries (iter_num, best_val_loss, config, optimizer). nanoGPT always runs exact
     GELU and LayerNorm eps 1e-5; other settings are refused unless allow_numerics_change."""
+    _refuse_modern(cfg, "nanoGPT's GPT")
     changes = []
     if cfg.activation != "gelu":
         changes.append(f"activation={cfg.activation!r} (nanoGPT uses exact 'gelu')")

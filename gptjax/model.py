@@ -9,7 +9,9 @@ Shape letters used in names and comments throughout gptjax:
 
 Parameter names follow GPT-2 (`wte wpe h_0.. ln_1 attn c_attn c_proj ln_2 mlp c_fc ln_f`) and
 Dense kernels are stored (in, out) like HF's Conv1D, so weight import/export is a rename (plus a
-transpose for nanoGPT's nn.Linear layout). How the model runs on the hardware at hand (attention,
+transpose for nanoGPT's nn.Linear layout). The modern recipe's options (rotary, RMSNorm, QK-norm,
+ReLU², an untied `lm_head`, zero-initialised projections, logit soft-capping; gptjax.layers) are
+GPTConfig fields whose defaults are GPT-2's. How the model runs on the hardware at hand (attention,
 Dense product, activation layout) is not decided here: it comes in as a `Kernels` record.
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -28,11 +29,16 @@ from flax import struct
 from gptjax import cpu
 from gptjax.attention import cached_attention, fused_causal_attention, masked_attention
 from gptjax.kernels import Kernels
+from gptjax.layers import (ACTIVATIONS, NORMS, POS_EMBEDDINGS, activation, apply_rotary, dense, norm, proj_std,
+                           rms_normalize, rotary_angles)
 
-ACTIVATIONS = ("gelu", "gelu_tanh")
-# GPTConfig fields that say how a model is computed, not what its weights are: a run may set them
-# on weights it loads
-RUN_SETTINGS = ("dropout", "dtype", "remat", "scan_layers")
+# GPTConfig fields that say how a model is computed or initialised, not what its weights are: a run
+# may set them on weights it loads
+RUN_SETTINGS = ("dropout", "dtype", "remat", "scan_layers", "zero_init_proj")
+# The fields of the modern recipe, with GPT-2's values: a model with any other value has no GPT-2
+# (HF or nanoGPT) equivalent
+GPT2_ARCHITECTURE = dict(pos_embedding="learned", norm="layernorm", qk_norm=False, tie_embeddings=True,
+                         logit_softcap=0.0)
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,8 +56,16 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Dense and LayerNorm, as GPT-2; False is a bit better and faster
     dtype: str = "float32"  # compute dtype; parameters always stay float32
-    activation: str = "gelu"  # "gelu": exact erf (nanoGPT); "gelu_tanh": HF GPT-2's gelu_new
-    layer_norm_eps: float = 1e-5
+    activation: str = "gelu"  # "gelu": exact erf (nanoGPT); "gelu_tanh": HF GPT-2's gelu_new; "relu2": ReLU²
+    layer_norm_eps: float = 1e-5  # epsilon of every norm
+    # the modern recipe (modded-nanogpt, nanochat); the defaults are GPT-2's
+    pos_embedding: str = "learned"  # "learned": GPT-2's wpe table; "rotary": rotary q and k, no wpe
+    rope_theta: float = 10000.0  # rotary base: pair i turns by position * rope_theta^(-2i/head_size)
+    norm: str = "layernorm"  # "layernorm" (GPT-2) | "rmsnorm" (without parameters)
+    qk_norm: bool = False  # RMSNorm (without parameters) on each head's queries and keys
+    tie_embeddings: bool = True  # the output head is wte (GPT-2); False: its own lm_head
+    zero_init_proj: bool = False  # every c_proj starts at zero, so each block starts as the identity
+    logit_softcap: float = 0.0  # > 0: logits squashed to cap * tanh(logits / cap)
     remat: str = "none"  # rematerialise each block in the backward pass: "full" or "dots" (keep matmuls)
     scan_layers: bool = False  # one block scanned over the layers: fast compiles for deep models
 
@@ -72,13 +86,21 @@ class GPTConfig:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
                             "choose n_embd as a multiple of n_head")
         dtypes = (("auto",) if "dtype" in unresolved else ()) + DTYPES
-        for name, allowed in (("activation", ACTIVATIONS), ("remat", REMAT_POLICIES), ("dtype", dtypes)):
+        for name, allowed in (("activation", ACTIVATIONS), ("remat", REMAT_POLICIES), ("dtype", dtypes),
+                              ("pos_embedding", POS_EMBEDDINGS), ("norm", NORMS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if not self.layer_norm_eps > 0:
             problems.append(f"layer_norm_eps={self.layer_norm_eps} must be positive")
+        if self.pos_embedding == "rotary" and self.n_head > 0 and self.head_size % 2:
+            problems.append(f"pos_embedding='rotary' turns pairs of a head's channels, and head_size="
+                            f"{self.head_size} (n_embd / n_head) is odd: choose an even head size")
+        if not self.rope_theta > 0:
+            problems.append(f"rope_theta={self.rope_theta} must be positive")
+        if not self.logit_softcap >= 0:
+            problems.append(f"logit_softcap={self.logit_softcap} must be positive, or 0 for none")
         return problems
 
     @classmethod
@@ -99,6 +121,11 @@ class GPTConfig:
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
+    def not_gpt2(self) -> list[str]:
+        """The modern-recipe settings of this model that GPT-2's formats (HF, nanoGPT) cannot hold."""
+        changed = [f"{k}={getattr(self, k)!r}" for k, v in GPT2_ARCHITECTURE.items() if getattr(self, k) != v]
+        return changed + ([f"activation={self.activation!r}"] if self.activation == "relu2" else [])
+
 
 # GPT-2's published sizes; the released checkpoints have vocab 50257 and biases.
 PRESETS: dict[str, dict[str, int]] = {
@@ -107,44 +134,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-
-
-def _dense(features: int, cfg: GPTConfig, kernels: Kernels, std: float, name: str) -> nn.Dense:
-    extra = {} if kernels.matmul == "xla" else {"dot_general": cpu.dense_dot_general(kernels.row_blocks)}
-    return nn.Dense(
-        features,
-        use_bias=cfg.bias,
-        dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(stddev=std),
-        bias_init=nn.initializers.zeros,
-        name=name,
-        **extra,
-    )
-
-
-def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
-    # Flax computes LayerNorm statistics in float32 even for bf16 inputs.
-    return nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps,
-        use_bias=cfg.bias,
-        dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32,
-        name=name,
-    )
-
-
-def _proj_std(cfg: GPTConfig) -> float:
-    # GPT-2 paper: scale residual projections by 1/sqrt(number of residual layers).
-    return 0.02 / math.sqrt(2 * cfg.n_layer)
-
-
-def gelu(x, approximate: bool):
-    """GELU; the exact one as PyTorch's nn.GELU computes it, x/2 (1 + erf(x/sqrt 2)) (jax.nn.gelu
-    goes through erfc, which XLA's CPU backend evaluates more slowly)."""
-    if approximate:
-        return jax.nn.gelu(x, approximate=True)
-    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 @struct.dataclass
@@ -186,14 +175,19 @@ class CausalSelfAttention(nn.Module):
     kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, x_BxTxC, deterministic: bool = True, cache: KVCache | None = None):
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache: KVCache | None = None, rotary=None):
         """Causal self-attention; with a cache (this layer's kv), the new tokens' keys and values
-        are written into it and they attend to every earlier position. Returns (y, new kv or None)."""
+        are written into it and they attend to every earlier position. rotary: the (cos, sin) of
+        the tokens' positions (pos_embedding='rotary'). Returns (y, new kv or None)."""
         cfg, kernels = self.config, self.kernels
         B, T, C = x_BxTxC.shape
         N, H = cfg.n_head, cfg.head_size
-        qkv_BxTx3C = _dense(3 * C, cfg, kernels, 0.02, "c_attn")(x_BxTxC)
+        qkv_BxTx3C = dense(3 * C, cfg, kernels, 0.02, "c_attn")(x_BxTxC)
         q_BxTxNxH, k_BxTxNxH, v_BxTxNxH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BxTx3C, 3, axis=-1))
+        if cfg.qk_norm:
+            q_BxTxNxH, k_BxTxNxH = (rms_normalize(a, cfg.layer_norm_eps) for a in (q_BxTxNxH, k_BxTxNxH))
+        if rotary is not None:  # after the norm: the rotation keeps each head's rms as it is
+            q_BxTxNxH, k_BxTxNxH = (apply_rotary(a, *rotary) for a in (q_BxTxNxH, k_BxTxNxH))
         attn_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 and not deterministic else None
 
         new_kv = None
@@ -211,7 +205,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y_BxTxNxH = fused_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, kernels.attention,
                                                fall_back=kernels.cudnn_fallback)
-        y_BxTxC = _dense(C, cfg, kernels, _proj_std(cfg), "c_proj")(y_BxTxNxH.reshape(B, T, C))
+        y_BxTxC = dense(C, cfg, kernels, proj_std(cfg), "c_proj")(y_BxTxNxH.reshape(B, T, C))
         return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic), new_kv
 
 
@@ -222,9 +216,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxC, deterministic: bool = True):
         cfg = self.config
-        h_BxTxF = _dense(4 * cfg.n_embd, cfg, self.kernels, 0.02, "c_fc")(x_BxTxC)
-        h_BxTxF = gelu(h_BxTxF, approximate=cfg.activation == "gelu_tanh")
-        y_BxTxC = _dense(cfg.n_embd, cfg, self.kernels, _proj_std(cfg), "c_proj")(h_BxTxF)
+        h_BxTxF = dense(4 * cfg.n_embd, cfg, self.kernels, 0.02, "c_fc")(x_BxTxC)
+        h_BxTxF = activation(h_BxTxF, cfg.activation)
+        y_BxTxC = dense(cfg.n_embd, cfg, self.kernels, proj_std(cfg), "c_proj")(h_BxTxF)
         return nn.Dropout(cfg.dropout)(y_BxTxC, deterministic=deterministic)
 
 
@@ -233,13 +227,13 @@ class Block(nn.Module):
     kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, x_BxTxC, deterministic: bool = True, cache: KVCache | None = None):
+    def __call__(self, x_BxTxC, deterministic: bool = True, cache: KVCache | None = None, rotary=None):
         cfg = self.config
         x_BxTxC = self.kernels.pin_batch(x_BxTxC)
         y_BxTxC, new_kv = CausalSelfAttention(cfg, self.kernels, name="attn")(
-            _layer_norm(cfg, "ln_1")(x_BxTxC), deterministic, cache)
+            norm(cfg, "ln_1")(x_BxTxC), deterministic, cache, rotary)
         x_BxTxC = x_BxTxC + y_BxTxC
-        x_BxTxC = x_BxTxC + MLP(cfg, self.kernels, name="mlp")(_layer_norm(cfg, "ln_2")(x_BxTxC), deterministic)
+        x_BxTxC = x_BxTxC + MLP(cfg, self.kernels, name="mlp")(norm(cfg, "ln_2")(x_BxTxC), deterministic)
         return x_BxTxC, new_kv
 
 
@@ -254,16 +248,16 @@ def _block_class(cfg: GPTConfig, caching: bool):
 
 
 class _ScanBody(nn.Module):
-    """Block as a scan body: x carried, this layer's kv scanned, the cache's settings and
-    deterministic broadcast."""
+    """Block as a scan body: x carried, this layer's kv scanned, the cache's settings, the rotary
+    angles and deterministic broadcast."""
 
     config: GPTConfig
     kernels: Kernels
 
     @nn.compact
-    def __call__(self, x_BxTxC, layer_kv, cache: KVCache | None, deterministic: bool):
+    def __call__(self, x_BxTxC, layer_kv, cache: KVCache | None, rotary, deterministic: bool):
         block = _block_class(self.config, cache is not None)(self.config, self.kernels, name="block")
-        return block(x_BxTxC, deterministic, None if cache is None else cache.replace(kv=layer_kv))
+        return block(x_BxTxC, deterministic, None if cache is None else cache.replace(kv=layer_kv), rotary)
 
 
 class GPT(nn.Module):
@@ -299,30 +293,43 @@ class GPT(nn.Module):
         embed = dict(embedding_init=nn.initializers.normal(stddev=0.02), dtype=cfg.compute_dtype,
                      param_dtype=jnp.float32)
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte", **embed)
-        wpe_TxC = nn.Embed(cfg.block_size, cfg.n_embd, name="wpe", **embed)(positions)
-        x_BxTxC = wte(idx_BxT) + (wpe_TxC if wpe_TxC.ndim == 3 else wpe_TxC[None])
+        x_BxTxC = wte(idx_BxT)
+        rotary = None
+        if cfg.pos_embedding == "rotary":
+            rotary = rotary_angles(positions, cfg.head_size, cfg.rope_theta)
+        else:
+            wpe_TxC = nn.Embed(cfg.block_size, cfg.n_embd, name="wpe", **embed)(positions)
+            x_BxTxC = x_BxTxC + (wpe_TxC if wpe_TxC.ndim == 3 else wpe_TxC[None])
         x_BxTxC = nn.Dropout(cfg.dropout, name="drop")(x_BxTxC, deterministic=deterministic)
 
         if cfg.scan_layers:
             # flax passes broadcast arguments through untraced, so `deterministic` stays a Python bool
             blocks = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                             in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer)
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer)
             x_BxTxC, new_kv = blocks(cfg, self.kernels, name="h")(
-                x_BxTxC, None if cache is None else cache.kv, None if cache is None else cache.replace(kv=None), deterministic)
+                x_BxTxC, None if cache is None else cache.kv, None if cache is None else cache.replace(kv=None),
+                rotary, deterministic)
         else:
             block_class = _block_class(cfg, cache is not None)
             new_kv = []
             for i in range(cfg.n_layer):
                 x_BxTxC, layer_kv = block_class(cfg, self.kernels, name=f"h_{i}")(
-                    x_BxTxC, deterministic, None if cache is None else cache.replace(kv=cache.kv[i]))
+                    x_BxTxC, deterministic, None if cache is None else cache.replace(kv=cache.kv[i]), rotary)
                 new_kv.append(layer_kv)
 
         if logits_at is not None:
             x_BxTxC = jnp.take_along_axis(x_BxTxC, jnp.asarray(logits_at)[:, None, None], axis=1)  # (B, 1, C)
-        x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
-        # the head is tied to wte; logits come out in float32 whatever the compute dtype
-        logits = jnp.einsum("btc,vc->btv", x_BxTxC, wte.embedding.astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
+        x_BxTxC = norm(cfg, "ln_f")(x_BxTxC)
+        # logits come out in float32 whatever the compute dtype
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btc,vc->btv", x_BxTxC, wte.embedding.astype(cfg.compute_dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            head_CxV = self.param("lm_head", nn.initializers.normal(stddev=0.02), (cfg.n_embd, cfg.vocab_size))
+            logits = jnp.einsum("btc,cv->btv", x_BxTxC, head_CxV.astype(cfg.compute_dtype),
+                                preferred_element_type=jnp.float32)
+        if cfg.logit_softcap:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         if logits_at is not None:
             logits = logits[:, 0]
         return logits if cache is None else (logits, cache.replace(kv=new_kv))
@@ -352,11 +359,14 @@ def to_scan_layout(tree, n_layer: int):
 def to_gpt2_layout(tree):
     """The inverse of `to_scan_layout`; a tree already per-layer is returned as it is."""
 
+    scanned = [p["h"] for p in jax.tree_util.tree_leaves(tree, is_leaf=_is_params) if _is_params(p) and "h" in p]
+    # an optimizer's masked copy of the tree may hold no arrays under h: any other copy has the layers
+    n_layer = next((leaves[0].shape[0] for leaves in map(jax.tree_util.tree_leaves, scanned) if leaves), 0)
+
     def unstack(params):
         if not _is_params(params) or "h" not in params:
             return params
         stacked = params["h"]["block"]
-        n_layer = jax.tree_util.tree_leaves(stacked)[0].shape[0]
         out = {k: v for k, v in params.items() if k != "h"}
         for i in range(n_layer):
             out[f"h_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
@@ -374,10 +384,11 @@ def init_params(cfg: GPTConfig, key: jax.Array) -> dict:
 
 def num_params(params, non_embedding: bool = True) -> int:
     """Parameter count as nanoGPT's get_num_params: the position embedding is left out by
-    default; the token embedding counts because it is also the output head."""
+    default; the token embedding counts where it is also the output head (tied)."""
     total = sum(x.size for x in jax.tree_util.tree_leaves(params))
     if non_embedding:
-        total -= params["wpe"]["embedding"].size
+        total -= params["wpe"]["embedding"].size if "wpe" in params else 0
+        total -= params["wte"]["embedding"].size if "lm_head" in params else 0
     return int(total)
 
 
@@ -392,5 +403,6 @@ def crop_block_size(params, cfg: GPTConfig, block_size: int):
     if block_size > cfg.block_size:
         raise ValueError(f"cannot crop block_size {cfg.block_size} up to {block_size}")
     params = dict(params)
-    params["wpe"] = {"embedding": params["wpe"]["embedding"][:block_size]}
+    if "wpe" in params:  # rotary models have no table to crop
+        params["wpe"] = {"embedding": params["wpe"]["embedding"][:block_size]}
     return params, dataclasses.replace(cfg, block_size=block_size)

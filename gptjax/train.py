@@ -28,7 +28,7 @@ from gptjax.config import TrainConfig
 from gptjax.faults import StopRequest, check_free_space, check_writable, exit_now, state_nbytes
 from gptjax.metrics import MetricsLogger
 from gptjax.kernels import Kernels
-from gptjax.model import GPTConfig, crop_block_size, flops_per_token, num_params
+from gptjax.model import GPT2_ARCHITECTURE, GPTConfig, crop_block_size, flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.step import create_train_state, jit_steps
 
@@ -130,6 +130,10 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
     from gptjax.convert import load_pretrained  # torch-free for HF safetensors
 
     params, model_cfg = load_pretrained(cfg.init_from)
+    asked = [f"{k}={getattr(cfg, k)!r}" for k in GPT2_ARCHITECTURE if getattr(cfg, k) != getattr(model_cfg, k)]
+    if asked:
+        raise ValueError(f"{cfg.init_from} holds a GPT-2 model, whose weights cannot be run with {', '.join(asked)}: "
+                         "drop these settings to fine-tune it, or train such a model with --init_from=scratch")
     if cfg.block_size > model_cfg.block_size:
         raise ValueError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s {model_cfg.block_size}")
     if cfg.block_size < model_cfg.block_size:

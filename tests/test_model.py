@@ -153,7 +153,7 @@ def test_loss_and_gradients_match_nanogpt(T, bias, tmp_path):
 @pytest.mark.parametrize("approximate", [False, True])
 def test_gelu_matches_torch_with_its_gradient(approximate):
     torch = pytest.importorskip("torch")
-    from gptjax.model import gelu
+    from gptjax.layers import gelu
 
     x = np.linspace(-9.0, 9.0, 4001, dtype=np.float32)
     xt = torch.tensor(x, requires_grad=True)
