@@ -33,7 +33,11 @@ EVAL_BATCHES = 200
 def _host() -> str:
     model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
         ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, {platform.python_version()}"
+    import jax
+    import torch
+
+    return (f"{model} ({os.cpu_count()} cores); Python {platform.python_version()}, jax {jax.__version__}, "
+            f"PyTorch {torch.__version__}")
 
 
 def nanogpt_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int = 2000) -> dict:

@@ -76,8 +76,12 @@ class Run:
         """Mean loss over eval_iters batches of each split, as nanoGPT's estimate_loss."""
         out = {}
         for split in ("train", "val"):
-            losses = [self.eval_step(self.state.params, self.to_device(self.batch(split, step, k)))
-                      for k in range(self.cfg.eval_iters)]
+            losses = []
+            for k in range(self.cfg.eval_iters):
+                losses.append(self.eval_step(self.state.params, self.to_device(self.batch(split, step, k))))
+                if k:  # two steps in flight at most, as in training: XLA's CPU devices run each queued
+                    # step's all-reduce on a shared thread pool, and hundreds of them starve it (a hang)
+                    losses[-2].block_until_ready()
             out[split] = float(np.mean(jax.device_get(losses)))
         return out
 

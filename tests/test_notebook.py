@@ -72,25 +72,16 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory, corpus):
-    """(executed notebook, work dir, injected overrides)."""
-    work = tmp_path_factory.mktemp("notebook")
-    overrides = dict(
-        n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=20, eval_interval=10,
-        eval_iters=2, log_interval=1, dropout=0.0, warmup_iters=5, lr_decay_iters=20,
-        out_dir=str(work / "out"), data_dir=str(work / "data"), data_input=str(corpus),
-    )
-    params = {"overrides": overrides, "prompt": PROMPT, "num_samples": 2, "max_new_tokens": NEW_TOKENS,
-              "online": False}
+def _execute(work: Path, params: dict, hub_online: bool = False):
+    """The notebook run with `params` injected after its parameters cell; with hub_online, the hub
+    section once more, "online" against a local GPT-2-shaped directory (load_pretrained and
+    transformers both take one), so its code runs here without a network."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (at,) = _tagged(nb, "parameters")
     injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()),
                                          metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(at + 1, injected)
-    if _has_torch_and_transformers():
-        # The hub section once more, "online" against a local GPT-2-shaped directory (load_pretrained
-        # and transformers both take one): its code runs here without a network.
+    if hub_online:
         nb.cells.append(nbformat.v4.new_code_cell(
             f"online, pretrained = True, {str(_random_gpt2_dir(work / 'gpt2-random'))!r}"))
         (hub_at,) = _tagged(nb, "pretrained")
@@ -104,7 +95,21 @@ def executed(tmp_path_factory, corpus):
         client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=300, startup_timeout=120,
                                          resources={"metadata": {"path": str(work)}})
         client.execute(env=env)  # raises CellExecutionError naming the cell if any cell fails
-    return nb, work, overrides
+    return nb
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, corpus):
+    """(executed notebook, work dir, injected overrides)."""
+    work = tmp_path_factory.mktemp("notebook")
+    overrides = dict(
+        n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=20, eval_interval=10,
+        eval_iters=2, log_interval=1, dropout=0.0, warmup_iters=5, lr_decay_iters=20,
+        out_dir=str(work / "out"), data_dir=str(work / "data"), data_input=str(corpus),
+    )
+    params = {"overrides": overrides, "prompt": PROMPT, "num_samples": 2, "max_new_tokens": NEW_TOKENS,
+              "online": False}
+    return _execute(work, params, hub_online=_has_torch_and_transformers()), work, overrides
 
 
 def test_notebook_trains_saves_and_samples(executed, corpus):
@@ -152,6 +157,21 @@ def test_notebook_pretrained_section_matches_transformers(executed):
     assert "vs transformers, float32 logits: max relative difference" in printed
     sample = printed.split("(tolerance 1e-04)\n", 1)[1]
     assert sample.startswith("To be, or not to be,") and len(sample.strip()) > len("To be, or not to be,")
+
+
+def test_notebook_runs_the_modern_recipe(tmp_path, corpus):
+    """The modern recipe's model trains, checkpoints and samples in the notebook; its export to
+    GPT-2's format is skipped with the reason."""
+    overrides = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_iters=10, eval_interval=10,
+                     eval_iters=2, warmup_iters=2, lr_decay_iters=10, out_dir=str(tmp_path / "out"),
+                     data_dir=str(tmp_path / "data"), data_input=str(corpus))
+    nb = _execute(tmp_path, {"config_name": "shakespeare_char_cpu_modern", "overrides": overrides, "prompt": PROMPT,
+                             "num_samples": 1, "max_new_tokens": 20, "online": False})
+    printed = "".join(_stdout(c) for c in nb.cells if c.cell_type == "code")
+    assert "no Hugging Face export: GPT-2's format cannot hold pos_embedding='rotary'" in printed
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir() if p.name.isdigit()] == ["10"]
+    (sample_at,) = _tagged(nb, "sample")
+    assert _stdout(nb.cells[sample_at]).count(PROMPT) == 1
 
 
 def test_committed_notebook_is_clean():
