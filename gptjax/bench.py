@@ -118,7 +118,7 @@ def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile
     mesh = sharding.make_mesh(cfg.dp, cfg.fsdp)
     sharding.check_batch_divisible(cfg.batch_size, mesh)
     model_cfg = cfg.model_config(vocab_size)
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(cfg, mesh)
     state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed)
     kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
     train_step, _ = jit_steps(model_cfg, kernels, optimizer, lr_schedule(cfg), shardings, mesh)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers
 
 from gptjax.config import TrainConfig
+from gptjax.sharding import DATA_AXES, data_size
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -99,7 +102,26 @@ def _split_qkv(inner: optax.GradientTransformation) -> optax.GradientTransformat
     return optax.GradientTransformation(init, update)
 
 
-def _muon(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+def _layers_split(inner: optax.GradientTransformation, mesh) -> optax.GradientTransformation:
+    """`inner` with every scanned (layer-stacked) leaf split over the mesh's devices by layer, before
+    and after: each device orthogonalises its share of the layers, and the update is gathered."""
+    n = data_size(mesh)
+
+    def split(tree):
+        def constrain(path, x):
+            if not _stacked(path) or x.shape[0] % n:
+                return x
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(DATA_AXES)))
+        return jax.tree_util.tree_map_with_path(constrain, tree)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(split(updates), state, params)
+        return split(updates), state
+
+    return optax.GradientTransformation(inner.init, update)
+
+
+def _muon(cfg: TrainConfig, schedule: optax.Schedule, mesh: Mesh | None) -> optax.GradientTransformation:
     """optax's Muon (Nesterov momentum, Newton-Schulz with modded-nanogpt's coefficients, the
     sqrt(max(1, out/in)) width scale) on the block kernels; no weight decay, as nanochat."""
     muon = optax.contrib.muon(
@@ -108,14 +130,16 @@ def _muon(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransform
         eps=1e-7,  # modded-nanogpt's, in the Frobenius normalisation before Newton-Schulz
         muon_weight_dimension_numbers=_muon_dims,
     )
-    return _split_qkv(muon)
+    muon = _split_qkv(muon)
+    return muon if mesh is None or data_size(mesh) == 1 else _layers_split(muon, mesh)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, mesh: Mesh | None = None) -> optax.GradientTransformation:
     """Global-norm clipping (0 disables), then AdamW with nanoGPT's betas, eps 1e-8 (torch's) and
     weight-decay split; with optimizer='muon', Muon for the blocks' kernels at muon_lr and AdamW
     for the embeddings (embedding_lr), an untied head (head_lr) and the rest (learning_rate), all
-    following lr_schedule's shape."""
+    following lr_schedule's shape. `mesh`: the run's devices, over which Muon shares out a scanned
+    model's layers (modded-nanogpt shares its matrices out over GPUs the same way)."""
     schedule = lr_schedule(cfg)
 
     def adamw(lr: float):
@@ -124,7 +148,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
     if cfg.optimizer == "muon":
         update = optax.multi_transform(
-            {"muon": _muon(cfg, schedule), "adamw": adamw(cfg.learning_rate),
+            {"muon": _muon(cfg, schedule, mesh), "adamw": adamw(cfg.learning_rate),
              "embedding": adamw(cfg.embedding_lr or cfg.learning_rate), "head": adamw(cfg.head_lr or cfg.learning_rate)},
             param_groups)
     else:

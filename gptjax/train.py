@@ -172,7 +172,7 @@ def setup(cfg: TrainConfig) -> Run:
                          f"{model_cfg.vocab_size}: re-prepare the data or fix vocab_size")
     dataset = data_lib.BinDataset(data_dir, cfg.block_size, model_cfg.vocab_size, cfg.dataset)
 
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(cfg, mesh)
     state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed, params)
     if jax.process_index() == 0:
         check_free_space(cfg.out_dir, state_nbytes(state) + (16 << 20))

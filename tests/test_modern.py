@@ -308,3 +308,48 @@ def test_fine_tuning_gpt2_weights_refuses_modern_settings(data_dir, tmp_path):
                block_size=16, pos_embedding="rotary", qk_norm=True)
     with pytest.raises(ValueError, match=r"cannot be run with pos_embedding='rotary', qk_norm=True: drop these"):
         setup(cfg)
+
+
+SHARED_MUON = r"""
+import dataclasses, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+from gptjax import sharding
+from gptjax.model import to_scan_layout
+from gptjax.optim import make_optimizer
+from test_modern import MODERN, ODD, muon_config
+from test_model import random_params
+
+cfg = dataclasses.replace(ODD, **MODERN, n_layer=4)
+params = to_scan_layout(random_params(cfg, seed=1), 4)
+grads = to_scan_layout(random_params(cfg, seed=2, std=1.0), 4)
+mesh = sharding.make_mesh(2, 1)
+params, grads = jax.device_put((params, grads), sharding.replicated(mesh))  # as a run's train state
+with jax.default_matmul_precision("highest"):
+    outs = []
+    for m in (None, mesh):
+        opt = make_optimizer(muon_config(), m)
+        update = jax.jit(opt.update)
+        outs.append(update(grads, opt.init(params), params)[0])
+    for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+# the split run's block updates come out split by layer: each device computed its own share
+kernel = outs[1]["h"]["block"]["mlp"]["c_fc"]["kernel"]
+print(kernel.sharding.shard_shape(kernel.shape)[0], outs[0]["h"]["block"]["mlp"]["c_fc"]["kernel"].is_fully_replicated)
+"""
+
+
+def test_muon_shares_the_layers_out_over_the_devices(tmp_path):
+    """With the run's mesh, each of 2 devices orthogonalises half of a scanned model's layers: the
+    same updates as without."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
+    out = subprocess.run([sys.executable, "-c", SHARED_MUON, tests], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "2 True"  # 2 of the 4 layers per device; unsplit: whole
