@@ -67,15 +67,14 @@ def gptjax_modern(data_dir: Path, out_dir: Path, seed: int) -> dict:
 def eval_200(init_from: Path, config: str, data_dir: Path) -> float:
     """Validation loss over EVAL_BATCHES batches, gptjax's evaluator, for a run or a ckpt.pt."""
     with tempfile.TemporaryDirectory() as scratch:
-        if init_from.suffix == ".pt":
-            flags = [f"--init_from={init_from}", f"--out_dir={scratch}"]
-        else:
-            flags = ["--init_from=resume", f"--out_dir={init_from}"]
-        subprocess.run([sys.executable, "-m", "gptjax.train", config, *flags, "--eval_only=True",
-                        f"--eval_iters={EVAL_BATCHES}", f"--data_dir={data_dir}"],
+        # a nanoGPT checkpoint is evaluated into a scratch run, a gptjax run into itself
+        nanogpt = init_from.suffix == ".pt"
+        out_dir = Path(scratch) if nanogpt else init_from
+        subprocess.run([sys.executable, "-m", "gptjax.train", config, f"--init_from={init_from if nanogpt else 'resume'}",
+                        f"--out_dir={out_dir}", "--eval_only=True", f"--eval_iters={EVAL_BATCHES}",
+                        f"--data_dir={data_dir}"],
                        check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=ROOT)
-        metrics = Path(init_from if init_from.suffix != ".pt" else scratch) / "metrics.jsonl"
-        return [json.loads(line) for line in open(metrics) if "val_loss" in line][-1]["val_loss"]
+        return [json.loads(line) for line in open(out_dir / "metrics.jsonl") if "val_loss" in line][-1]["val_loss"]
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from gptjax.kernels import cuda_major
 from gptjax.model import RUN_SETTINGS, GPTConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")  # gptjax.optim.make_optimizer
 
 
 def auto_dtype(device=None) -> str:
@@ -121,7 +122,7 @@ class TrainConfig(GPTConfig):
             errors.append(f"warmup_iters={self.warmup_iters} is larger than lr_decay_iters={self.lr_decay_iters}")
         for name, allowed in (("attention", kernels.ATTENTION), ("matmul", kernels.MATMUL),
                               ("grad_reduce", kernels.GRAD_REDUCE), ("nonfinite", ("stop", "skip")),
-                              ("optimizer", ("adamw", "muon"))):
+                              ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")
         if "://" in self.out_dir:

@@ -271,8 +271,8 @@ def load_hf(path_or_name, dtype: str = "float32") -> tuple[dict, GPTConfig]:
 
 
 def _refuse_modern(cfg: GPTConfig, target: str) -> None:
-    if cfg.not_gpt2():
-        raise ValueError(f"{target} cannot hold this model ({', '.join(cfg.not_gpt2())}): GPT-2's formats have "
+    if options := cfg.not_gpt2():
+        raise ValueError(f"{target} cannot hold this model ({', '.join(options)}): GPT-2's formats have "
                          "learned positions, LayerNorm, a tied head and no soft-cap; keep it as a gptjax run "
                          "(gptjax.sample, gptjax.train --init_from=resume read it)")
 

@@ -21,12 +21,12 @@ NORMS = ("layernorm", "rmsnorm")
 POS_EMBEDDINGS = ("learned", "rotary")
 
 
-def dense(features: int, cfg, kernels: Kernels, std: float, name: str, use_bias: bool | None = None) -> nn.Dense:
+def dense(features: int, cfg, kernels: Kernels, std: float, name: str) -> nn.Dense:
     """A Dense layer, kernel (in, out) as HF's Conv1D, initialised N(0, std) (std 0: zeros)."""
     extra = {} if kernels.matmul == "xla" else {"dot_general": cpu.dense_dot_general(kernels.row_blocks)}
     return nn.Dense(
         features,
-        use_bias=cfg.bias if use_bias is None else use_bias,
+        use_bias=cfg.bias,
         dtype=cfg.compute_dtype,
         param_dtype=jnp.float32,
         kernel_init=nn.initializers.normal(stddev=std) if std else nn.initializers.zeros,

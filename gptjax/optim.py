@@ -13,8 +13,6 @@ from optax.contrib import MuonDimensionNumbers
 from gptjax.config import TrainConfig
 from gptjax.sharding import DATA_AXES, data_size
 
-OPTIMIZERS = ("adamw", "muon")
-
 
 def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
     """nanoGPT's schedule as a traceable function of the step: linear warmup lr*(it+1)/(warmup+1),
