@@ -36,8 +36,10 @@ def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
 class Checkpointer:
     """Saves and restores train states under OUT_DIR/checkpoints, keeping the newest `keep`."""
 
-    def __init__(self, out_dir: str | os.PathLike, keep: int = 2, create: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    def __init__(self, out_dir: str | os.PathLike, keep: int = 2):
+        # create=False: the directory appears with the first save, so a run that fails at set-up
+        # leaves no empty checkpoints/ behind (one that a later command would take for a run)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
         self.directory = checkpoint_dir(out_dir)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._saving: int | None = None  # step of the save in flight, for error messages
@@ -194,15 +196,16 @@ def check_state_matches(meta: dict[str, Any], cfg, source: str) -> None:
 
 
 def load_inference(out_dir: str | os.PathLike, step: int | None = None):
-    """(params, GPTConfig, run_config dict) from a training run's newest checkpoint, for sampling
-    and evaluation. Only the parameters are read; they land on the default device."""
+    """(params, GPTConfig, metadata) from a training run's newest checkpoint (or `step`), for sampling,
+    evaluation and export; the metadata holds iter_num, best_val_loss and the run's config ("run").
+    Only the parameters are read; they land on the default device."""
     directory = checkpoint_dir(out_dir)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"no checkpoint found in {directory}: train first (python -m gptjax.train ...) "
             "or pass --init_from=gpt2 / a path to a checkpoint"
         )
-    ckpt = Checkpointer(out_dir, create=False)
+    ckpt = Checkpointer(out_dir)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
@@ -211,25 +214,31 @@ def load_inference(out_dir: str | os.PathLike, step: int | None = None):
     from gptjax.model import init_params  # local: only the shapes are needed
 
     abstract_params = jax.eval_shape(functools.partial(init_params, cfg), jax.random.PRNGKey(0))
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     try:
-        params = ocp.PyTreeCheckpointer().restore(
-            directory / str(step) / "state",
-            args=ocp.args.PyTreeRestore(
-                item={"params": abstract_params},
-                restore_args={"params": restore_args},
-                partial_restore=True,
-            ),
-        )["params"]
-    except Exception as err:  # tensorstore raises bare Exceptions for unreadable data
-        older = [s for s in ckpt.manager.all_steps() if s < step]
-        fallback = (f"; the older checkpoint {max(older)} is still there: move {directory / str(step)} "
-                    "away to sample from it" if older else "")
-        raise ValueError(f"cannot read the parameters of checkpoint {directory / str(step)}: it is corrupt "
-                         f"or incomplete ({_first_line(err)}){fallback}") from err
+        params = restore_part(out_dir, step, "params", abstract_params)
     finally:
         ckpt.close()
-    return params, cfg, meta["run"]
+    return params, cfg, meta
+
+
+def restore_part(out_dir: str | os.PathLike, step: int, name: str, abstract):
+    """One field of a checkpoint's train state ("params", "opt_state"), in GPT-2's per-layer layout as
+    `abstract` (ShapeDtypeStructs) describes it, on the default device; a clear error if unreadable."""
+    directory = checkpoint_dir(out_dir)
+    try:
+        return ocp.PyTreeCheckpointer().restore(
+            directory / str(step) / "state",
+            args=ocp.args.PyTreeRestore(item={name: abstract},
+                                        restore_args={name: ocp.checkpoint_utils.construct_restore_args(abstract)},
+                                        partial_restore=True),
+        )[name]
+    except Exception as err:  # tensorstore raises bare Exceptions for unreadable data
+        older = [s for s in complete_steps(directory) if s < step]
+        fallback = (f"; the older checkpoint {max(older)} is still there: move {directory / str(step)} "
+                    "away to use it" if older else "")
+        what = {"params": "parameters", "opt_state": "optimizer state"}.get(name, name)
+        raise ValueError(f"cannot read the {what} of checkpoint {directory / str(step)}: it is corrupt or "
+                         f"incomplete ({_first_line(err)}){fallback}") from err
 
 
 def model_meta(cfg: GPTConfig) -> dict[str, Any]:

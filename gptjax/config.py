@@ -64,7 +64,7 @@ class TrainConfig(GPTConfig):
     eval_iters: int = 200
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # save at every eval, not only when val improves
-    init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2*' | path to an HF dir or nanoGPT ckpt.pt
+    init_from: str = "scratch"  # 'scratch' | 'resume' | 'gpt2*' | a gptjax out_dir, an HF dir or a nanoGPT ckpt.pt
     keep_checkpoints: int = 2  # newest checkpoints kept in out_dir/checkpoints
     # logging
     wandb_log: bool = False

@@ -353,7 +353,11 @@ def read_nanogpt_ckpt(ckpt_path) -> dict:
 
 def load_nanogpt(ckpt_path, dtype: str = "float32") -> tuple[dict, GPTConfig]:
     """nanoGPT ckpt.pt (or a directory holding one) -> (params, GPTConfig); needs torch."""
-    ckpt = read_nanogpt_ckpt(ckpt_path)
+    return nanogpt_params(read_nanogpt_ckpt(ckpt_path), dtype, str(ckpt_path))
+
+
+def nanogpt_params(ckpt: dict, dtype: str, source: str) -> tuple[dict, GPTConfig]:
+    """(params, GPTConfig) of a checkpoint `read_nanogpt_ckpt` read from `source`."""
     args = ckpt["model_args"]
     extra = ckpt.get("gptjax_config", {})  # written by save_nanogpt for non-nanoGPT numerics
     cfg = GPTConfig(
@@ -364,15 +368,44 @@ def load_nanogpt(ckpt_path, dtype: str = "float32") -> tuple[dict, GPTConfig]:
     )
     # torch.compile'd models save their state dict under `_orig_mod.`.
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    return _state_to_params(state, cfg, transpose=True, source=str(ckpt_path)), cfg
+    return _state_to_params(state, cfg, transpose=True, source=source), cfg
+
+
+def nanogpt_optimizer_state(cfg: GPTConfig, learning_rate: float = 6e-4, betas=(0.9, 0.95),
+                            weight_decay: float = 0.1, moments: tuple | None = None) -> dict:
+    """`torch.optim.AdamW.state_dict()` as nanoGPT's `configure_optimizers` lays it out: group 0 the
+    tensors of two or more dimensions (decayed), group 1 the rest, each in `GPT.named_parameters()`
+    order (the tied lm_head is wte). Defaults: nanoGPT's train.py. `moments`: (updates applied,
+    first moments, second moments), the moments as gptjax parameter trees (optax's mu and nu, which
+    are torch's exp_avg and exp_avg_sq); None gives a fresh optimizer, whose state torch creates at
+    its first step."""
+    torch = _import_torch("writing nanoGPT's optimizer state")
+    names = [f"transformer.{name}" for name, _, _ in _layout(cfg)]
+    shapes = {f"transformer.{name}": _param_shapes(cfg)[path][::-1] if dense else _param_shapes(cfg)[path]
+              for name, path, dense in _layout(cfg)}
+    # on the meta device: the state dict only numbers the parameters, it never reads them
+    tensors = {n: torch.nn.Parameter(torch.empty(shapes[n], device="meta")) for n in names}
+    decay = [n for n in names if len(shapes[n]) >= 2]
+    groups = [{"params": [tensors[n] for n in decay], "weight_decay": weight_decay},
+              {"params": [tensors[n] for n in names if n not in decay], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas))
+    if moments is not None:
+        updates, mu, nu = moments
+        exp_avg, exp_avg_sq = (_params_to_state(m, cfg, transpose=True) for m in (mu, nu))
+        for n in names:
+            optimizer.state[tensors[n]] = {"step": torch.tensor(float(updates)),
+                                           "exp_avg": torch.from_numpy(exp_avg[n]),
+                                           "exp_avg_sq": torch.from_numpy(exp_avg_sq[n])}
+    return optimizer.state_dict()
 
 
 def save_nanogpt(params, cfg: GPTConfig, path, extra: dict | None = None,
                  allow_numerics_change: bool = False) -> Path:
-    """Write a ckpt.pt that nanoGPT's train.py/sample.py load (state dict keys as nanoGPT's
-    `GPT.state_dict()`, tied `lm_head.weight`, no mask buffer). `extra` adds or overrides
-    top-level entries (iter_num, best_val_loss, config, optimizer). nanoGPT always runs exact
-    GELU and LayerNorm eps 1e-5; other settings are refused unless allow_numerics_change."""
+    """Write a ckpt.pt that nanoGPT's train.py resumes and its sample.py samples (state dict keys as
+    nanoGPT's `GPT.state_dict()`, tied `lm_head.weight`, no mask buffer, and a fresh AdamW state:
+    nanoGPT_optimizer_state's). `extra` adds or overrides top-level entries (iter_num,
+    best_val_loss, config, optimizer). nanoGPT always runs exact GELU and LayerNorm eps 1e-5; other
+    settings are refused unless allow_numerics_change."""
     _refuse_modern(cfg, "nanoGPT's GPT")
     changes = []
     if cfg.activation != "gelu":
@@ -381,8 +414,8 @@ def save_nanogpt(params, cfg: GPTConfig, path, extra: dict | None = None,
         changes.append(f"layer_norm_eps={cfg.layer_norm_eps} (nanoGPT uses 1e-5)")
     if changes and not allow_numerics_change:
         raise ValueError(
-            f"nanoGPT would run this model differently: {'; '.join(changes)}. Export with save_hf, "
-            "or pass allow_numerics_change=True"
+            f"nanoGPT would run this model differently: {'; '.join(changes)}. Export it for Hugging Face "
+            "(save_hf, export --to=hf), or accept the change (allow_numerics_change=True, --allow_numerics_change)"
         )
     if extra and {"model", "model_args"} & set(extra):
         raise ValueError("extra may not override 'model' or 'model_args'")
@@ -395,6 +428,7 @@ def save_nanogpt(params, cfg: GPTConfig, path, extra: dict | None = None,
         "iter_num": 0,
         "best_val_loss": 1e9,  # nanoGPT's initial value
         "config": dict(model_args),
+        "optimizer": nanogpt_optimizer_state(cfg),
         "gptjax_config": {"activation": cfg.activation, "layer_norm_eps": cfg.layer_norm_eps},
         **(extra or {}),
     }
@@ -404,27 +438,3 @@ def save_nanogpt(params, cfg: GPTConfig, path, extra: dict | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, out)
     return out
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-
-def load_pretrained(init_from, dtype: str = "float32") -> tuple[dict, GPTConfig]:
-    """(params, GPTConfig) from a nanoGPT `.pt` file or a directory holding `ckpt.pt`, a
-    Hugging Face directory (config.json), or a GPT-2 hub name."""
-    name = str(init_from)
-    path = Path(name)
-    if name.endswith(".pt"):
-        return load_nanogpt(path, dtype)
-    if path.is_dir():
-        if (path / "ckpt.pt").is_file():
-            return load_nanogpt(path / "ckpt.pt", dtype)
-        if (path / "config.json").is_file():
-            return load_hf(path, dtype)
-        raise ValueError(f"{path} holds neither ckpt.pt (nanoGPT) nor config.json (Hugging Face)")
-    if name in PRESETS:
-        return load_hf(name, dtype)
-    raise ValueError(
-        f"cannot load {name!r}: pass a nanoGPT ckpt.pt file or a directory holding one, a Hugging "
-        f"Face GPT-2 directory (config.json + model.safetensors), or one of {', '.join(PRESETS)}"
-    )

@@ -2,8 +2,9 @@
 
     python -m gptjax.crosscheck PATH [--tol 1e-4] [--batch 2] [--seq 64] [--seed 0]
 
-PATH is a Hugging Face GPT-2 directory (run through transformers' GPT2LMHeadModel) or a nanoGPT
-ckpt.pt (run through gptjax.torch_ref, nanoGPT's model). Relative difference is
+PATH is a Hugging Face GPT-2 directory (run through transformers' GPT2LMHeadModel), a nanoGPT
+ckpt.pt (run through gptjax.torch_ref, nanoGPT's model) or a gptjax run's out_dir (through either,
+as its GELU and LayerNorm eps say). Relative difference is
 max|jax - torch| / max|torch|. Above tolerance, hidden states are compared stage by stage
 (embeddings, each block, ln_f) to name the first one that diverges. Exit 0 within tolerance,
 1 above, 2 on unusable input. Needs torch (and transformers for HF directories).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import kernels as kernels_lib
-from gptjax.convert import load_hf, load_nanogpt, read_nanogpt_ckpt
+from gptjax import convert, weights
 from gptjax.model import GPT, GPTConfig
 
 
@@ -111,37 +113,56 @@ def compare(torch_model, params, cfg: GPTConfig, idx_BxT: np.ndarray, tol: float
     return Report([(name, *_rel(got[name], ref[name])) for name in ref], tol)
 
 
-def _torch_nanogpt(ckpt_path):
+def _torch_nanogpt(model_args: dict, state: dict):
+    """nanoGPT's model (gptjax.torch_ref) holding a nanoGPT state dict."""
     from gptjax import torch_ref
     from gptjax.convert import _MASK_BUFFER
 
-    ckpt = read_nanogpt_ckpt(ckpt_path)
     fields = {f.name for f in dataclasses.fields(torch_ref.GPTConfig)}
-    model = torch_ref.GPT(torch_ref.GPTConfig(**{k: v for k, v in ckpt["model_args"].items() if k in fields}))
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model = torch_ref.GPT(torch_ref.GPTConfig(**{k: v for k, v in model_args.items() if k in fields}))
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     # Non-flash nanoGPT saved its causal mask as `attn.bias`; the reference computes it instead.
     state = {k: v for k, v in state.items() if not _MASK_BUFFER.match(k.removeprefix("transformer."))}
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
+def _torch_hf(directory):
+    from transformers import GPT2LMHeadModel
+
+    # .float(): transformers may load in the file's dtype; this is a float32 comparison.
+    return GPT2LMHeadModel.from_pretrained(directory).float().eval()
+
+
 def load_both(path):
-    """(torch model, params, cfg, format name) for an HF directory or a nanoGPT ckpt.pt."""
+    """(torch model, params, cfg, format name) for a gptjax run, an HF directory or a nanoGPT
+    ckpt.pt. A gptjax run is compared with nanoGPT's model, or with transformers' GPT-2 when it
+    computes GELU with tanh or another LayerNorm eps (as HF-initialised runs do)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
+    if p.is_dir() and weights.is_run_dir(p):
+        w = weights.load(p, need_vocabulary=False)
+        if options := w.cfg.not_gpt2():
+            raise ValueError(f"{p} is a gptjax run with {', '.join(options)}, which PyTorch's GPT-2 models "
+                             "(nanoGPT's, transformers') do not have: crosscheck compares GPT-2 models")
+        if (w.cfg.activation, w.cfg.layer_norm_eps) == ("gelu", 1e-5):
+            model_args = {k: getattr(w.cfg, k) for k in convert.NANOGPT_ARGS}
+            torch_model = _torch_nanogpt(model_args, convert.nanogpt_state_dict(w.params, w.cfg))
+            return torch_model, w.params, w.cfg, "gptjax run vs nanoGPT's GPT"
+        with tempfile.TemporaryDirectory() as tmp:
+            convert.save_hf(w.params, w.cfg, tmp)
+            return _torch_hf(tmp), w.params, w.cfg, "gptjax run vs Hugging Face GPT2LMHeadModel"
     if p.is_file() or (p / "ckpt.pt").is_file():
-        ckpt = p if p.is_file() else p / "ckpt.pt"
-        params, cfg = load_nanogpt(ckpt)  # first, so shape errors come from gptjax's checks
-        return _torch_nanogpt(ckpt), params, cfg, "nanoGPT ckpt.pt"
+        ckpt_path = p if p.is_file() else p / "ckpt.pt"
+        ckpt = convert.read_nanogpt_ckpt(ckpt_path)
+        params, cfg = convert.nanogpt_params(ckpt, "float32", str(ckpt_path))  # first: gptjax's shape checks
+        return _torch_nanogpt(ckpt["model_args"], ckpt["model"]), params, cfg, "nanoGPT ckpt.pt"
     if (p / "config.json").is_file():
-        params, cfg = load_hf(p)
-        from transformers import GPT2LMHeadModel
-
-        # .float(): transformers may load in the file's dtype; this is a float32 comparison.
-        model = GPT2LMHeadModel.from_pretrained(p).float()
-        return model.eval(), params, cfg, "Hugging Face GPT2LMHeadModel"
-    raise ValueError(f"{p}: unknown format; pass a nanoGPT ckpt.pt or a directory with config.json")
+        params, cfg = convert.load_hf(p)
+        return _torch_hf(p), params, cfg, "Hugging Face GPT2LMHeadModel"
+    raise ValueError(f"{p}: unknown format; pass a gptjax run's out_dir, a nanoGPT ckpt.pt or a Hugging Face "
+                     "directory with config.json")
 
 
 def crosscheck(path, tol: float = 1e-4, batch: int = 2, seq: int | None = None, seed: int = 0):
@@ -158,7 +179,7 @@ def main(argv=None) -> int:
         description="Compare gptjax's float32 logits with PyTorch's on a checkpoint. Relative "
         "difference = max|jax - torch| / max|torch| over all logits.",
     )
-    parser.add_argument("path", help="Hugging Face GPT-2 directory or nanoGPT ckpt.pt")
+    parser.add_argument("path", help="Hugging Face GPT-2 directory, nanoGPT ckpt.pt or gptjax out_dir")
     parser.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     parser.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
     parser.add_argument("--seq", type=int, default=None, help="tokens each (default min(64, block_size))")

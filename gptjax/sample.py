@@ -3,6 +3,7 @@
     python -m gptjax.sample --out_dir=out-shakespeare-char
     python -m gptjax.sample --init_from=gpt2 --start="What is the answer?" --num_samples=3
     python -m gptjax.sample --init_from=path/to/hf_dir --start=FILE:prompt.txt --top_p=0.9
+    python -m gptjax.sample --out_dir=../nanoGPT/out-shakespeare-char   # nanoGPT's run, its meta.pkl
 
 Sample k is drawn with key fold_in(PRNGKey(seed), k), so a run is reproducible sample by sample.
 Tokens come in chunks of a compiled loop that carries its KV cache from chunk to chunk: the text is
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import dataclasses
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -32,38 +31,15 @@ CHUNK = 32  # tokens per compiled call between prints
 
 
 def load_model(init_from: str, out_dir: str, dtype: str):
-    """(params, GPTConfig with compute `dtype`, char-vocabulary meta dict or None for GPT-2 BPE)."""
-    if init_from == "resume":
-        if not Path(out_dir).is_dir():
-            raise FileNotFoundError(f"out_dir {out_dir!r} does not exist: train first, or pass --out_dir "
-                                    "or --init_from=gpt2 / a checkpoint path")
-        from gptjax import checkpoint, data
+    """(params, GPTConfig with compute `dtype`, char-vocabulary meta dict or None for GPT-2 BPE):
+    init_from 'resume' reads out_dir (a gptjax run, or nanoGPT's out_dir with its ckpt.pt)."""
+    if init_from == "resume" and not Path(out_dir).is_dir():
+        raise FileNotFoundError(f"out_dir {out_dir!r} does not exist: train first, or pass --out_dir "
+                                "or --init_from=gpt2 / a checkpoint path")
+    from gptjax import weights
 
-        params, cfg, run_config = checkpoint.load_inference(out_dir)
-        # the run's own copy of its vocabulary, else the dataset's as training resolved it (an
-        # empty data_dir means data/<dataset>)
-        data_dir = run_config.get("data_dir") or os.path.join("data", run_config.get("dataset", ""))
-        meta = data.load_meta(out_dir)
-        if meta is None:
-            meta = data.load_meta(data_dir)
-            # training took vocab_size from meta.pkl unless given one: then they must agree
-            if meta is not None and (meta["vocab_size"] > cfg.vocab_size
-                                     or (not run_config.get("vocab_size") and meta["vocab_size"] != cfg.vocab_size)):
-                raise ValueError(
-                    f"{data_dir}/meta.pkl has {meta['vocab_size']} characters but the model in {out_dir} was "
-                    f"trained on {cfg.vocab_size}: the dataset was prepared again from another text since; "
-                    "prepare it from the text the model was trained on, or run from the directory training ran in")
-        if meta is None and cfg.vocab_size < 50257:
-            raise FileNotFoundError(
-                f"the model in {out_dir} has a {cfg.vocab_size}-token vocabulary but {data_dir}/meta.pkl "
-                "(its character vocabulary) is missing: run from the directory training ran in, or "
-                "prepare the dataset again there")
-    else:
-        from gptjax import convert
-
-        params, cfg = convert.load_pretrained(init_from, dtype=dtype)
-        meta = None
-    return params, dataclasses.replace(cfg, dtype=dtype), meta
+    loaded = weights.load(out_dir if init_from == "resume" else init_from, dtype=dtype)
+    return loaded.params, loaded.cfg, loaded.meta
 
 
 class Tokenizer:
@@ -142,8 +118,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m gptjax.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--init_from", default="resume",
                    help="'resume' (from --out_dir), a GPT-2 name (gpt2, gpt2-medium, ...), a Hugging Face "
-                        "directory or a nanoGPT ckpt.pt")
-    p.add_argument("--out_dir", default="out", help="the training run to resume from")
+                        "directory, a nanoGPT ckpt.pt or a gptjax run's out_dir")
+    p.add_argument("--out_dir", default="out", help="the run to sample (gptjax's, or nanoGPT's with its ckpt.pt)")
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=10)
     p.add_argument("--max_new_tokens", type=int, default=500)

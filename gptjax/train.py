@@ -52,6 +52,7 @@ class Run:
     dataset: data_lib.BinDataset
     checkpointer: Checkpointer
     best_val_loss: float = float("inf")
+    started_from: str = ""  # the weights of iter 0 or of the resumed checkpoint, for the log
 
     @property
     def is_main(self) -> bool:
@@ -98,8 +99,9 @@ def _with_run_settings(model_cfg: GPTConfig, cfg: TrainConfig) -> GPTConfig:
     return dataclasses.replace(model_cfg, **cfg.run_settings())
 
 
-def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: Checkpointer):
-    """(model config, imported params or None, resume meta or None) for cfg.init_from."""
+def _load_model_config(cfg: TrainConfig, meta: dict | None, checkpointer: Checkpointer):
+    """(model config, imported params or None, resume meta or None, what the weights start from)
+    for cfg.init_from; `meta`: the dataset's character vocabulary (None: GPT-2's BPE)."""
     if cfg.init_from != "resume" and not cfg.eval_only and (step := checkpointer.latest_step()) is not None:
         # its saves would overwrite, rotate out or collide with the checkpoints of the run already there
         # (an eval_only run saves nothing)
@@ -109,7 +111,7 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
             f"(and a larger --max_iters), pass another --out_dir, or remove {cfg.out_dir} to start over"
         )
     if cfg.init_from == "scratch":
-        return cfg.model_config(vocab_size), None, None
+        return cfg.model_config(meta and meta["vocab_size"]), None, None, f"random weights (seed {cfg.seed})"
     if cfg.init_from == "resume":
         step = checkpointer.latest_step()
         if step is None:
@@ -120,29 +122,35 @@ def _load_model_config(cfg: TrainConfig, vocab_size: int | None, checkpointer: C
                 f"init_from=resume but there is no checkpoint in {checkpointer.directory}; "
                 f"start with --init_from=scratch{hint}"
             )
-        meta = checkpointer.restore_meta(step)
+        saved = checkpointer.restore_meta(step)
         source = str(checkpointer.directory / str(step))
         # The model is the checkpoint's, as in nanoGPT: a run started from pretrained weights has an
         # architecture its n_layer/n_embd/... keys never described. Those keys must still be the ones
         # the checkpointed run was given, so a changed --n_embd is refused rather than ignored.
-        run = dict(meta.get("run") or meta["model"])
-        if cfg.vocab_size == meta["model"]["vocab_size"]:
+        run = dict(saved.get("run") or saved["model"])
+        if cfg.vocab_size == saved["model"]["vocab_size"]:
             run["vocab_size"] = cfg.vocab_size  # an explicit vocab_size naming the model's own (run: 0)
         check_model_matches(run, cfg, source)
-        check_state_matches(meta, cfg, source)
-        return _with_run_settings(GPTConfig.from_fields(meta["model"]), cfg), None, meta
-    from gptjax.convert import load_pretrained  # torch-free for HF safetensors
+        check_state_matches(saved, cfg, source)
+        return _with_run_settings(GPTConfig.from_fields(saved["model"]), cfg), None, saved, f"checkpoint {source}"
+    from gptjax import weights  # torch-free for HF safetensors and gptjax runs
 
-    params, model_cfg = load_pretrained(cfg.init_from)
-    asked = [f"{k}={getattr(cfg, k)!r}" for k in GPT2_ARCHITECTURE if getattr(cfg, k) != getattr(model_cfg, k)]
+    loaded = weights.load(cfg.init_from, need_vocabulary=False)
+    params, model_cfg = loaded.params, loaded.cfg
+    if loaded.meta is not None and meta is not None and loaded.meta["stoi"] != meta["stoi"]:
+        raise ValueError(f"{cfg.init_from} was trained on other characters than {cfg.resolved_data_dir}/meta.pkl "
+                         "holds: fine-tune it on data prepared with its own vocabulary")
+    # The architecture is the checkpoint's; a setting that asks for another one cannot be honoured.
+    asked = [f"{k}={getattr(cfg, k)!r}" for k, default in GPT2_ARCHITECTURE.items()
+             if getattr(cfg, k) != default and getattr(cfg, k) != getattr(model_cfg, k)]
     if asked:
-        raise ValueError(f"{cfg.init_from} holds a GPT-2 model, whose weights cannot be run with {', '.join(asked)}: "
+        raise ValueError(f"{cfg.init_from} holds a model whose weights cannot be run with {', '.join(asked)}: "
                          "drop these settings to fine-tune it, or train such a model with --init_from=scratch")
     if cfg.block_size > model_cfg.block_size:
         raise ValueError(f"block_size={cfg.block_size} is larger than {cfg.init_from}'s {model_cfg.block_size}")
     if cfg.block_size < model_cfg.block_size:
         params, model_cfg = crop_block_size(params, model_cfg, cfg.block_size)
-    return _with_run_settings(model_cfg, cfg), params, None
+    return _with_run_settings(model_cfg, cfg), params, None, f"the weights of {loaded.describe()}"
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -166,7 +174,7 @@ def setup(cfg: TrainConfig) -> Run:
                          f"({cfg.out_dir}/meta.pkl): it was prepared again from another text; prepare it "
                          "from the run's text, or pass the --data_dir that holds it")
     checkpointer = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints)
-    model_cfg, params, resume_meta = _load_model_config(cfg, meta and meta["vocab_size"], checkpointer)
+    model_cfg, params, resume_meta, started_from = _load_model_config(cfg, meta, checkpointer)
     if meta is not None and meta["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the dataset's meta.pkl has vocab_size={meta['vocab_size']} but the model has "
                          f"{model_cfg.vocab_size}: re-prepare the data or fix vocab_size")
@@ -188,7 +196,8 @@ def setup(cfg: TrainConfig) -> Run:
         write_json(Path(cfg.out_dir) / "config.json", cfg.to_dict())
         if meta is not None:  # the run's own vocabulary, for sampling after data/ is prepared again
             prepare.write_file(Path(cfg.out_dir) / "meta.pkl", pickle.dumps(meta))
-    return Run(cfg, model_cfg, kernels, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val)
+    return Run(cfg, model_cfg, kernels, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val,
+               started_from)
 
 
 def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -205,7 +214,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     k = run.kernels
     log.info(f"{n_params / 1e6:.2f}M parameters (non-embedding); {run.model_cfg.dtype}; mesh "
              f"{dict(run.mesh.shape)}; kernels: attention {k.attention}, matmul {k.matmul}, grad_reduce "
-             f"{k.grad_reduce}; {cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start}")
+             f"{k.grad_reduce}; {cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start} from {run.started_from}")
     last: dict[str, Any] = {"iter": start}
     # The host thread gathers each batch and copies it to the devices ahead of the step.
     prefetch = data_lib.Prefetcher(lambda s: run.to_device(run.batch("train", s)), start,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import convert, crosscheck
+from gptjax import convert, crosscheck, weights
 from gptjax.model import GPT, GPTConfig
 
 torch = pytest.importorskip("torch")
@@ -216,7 +216,7 @@ def test_hf_pytorch_bin_without_prefix_with_mask_buffers(tmp_path):
         state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
     torch.save(state, tmp_path / "pytorch_model.bin")
     hc.save_pretrained(tmp_path)
-    params, cfg = convert.load_pretrained(tmp_path)
+    params, cfg = convert.load_hf(tmp_path)
     assert cfg.activation == "gelu_tanh"
     idx = tokens(2, 16, 64)
     assert rel_diff(jax_logits(params, cfg, idx), torch_logits(model, idx)) < TOL
@@ -266,22 +266,26 @@ def test_hub_name_offline_fails_clearly(tmp_path):
     assert proc.stderr.startswith("error: could not download 'gpt2'") and proc.stderr.count("\n") == 1
 
 
-def test_load_pretrained_dispatch(tmp_path):
+def test_weights_load_dispatch(tmp_path):
     cfg = GPTConfig(**SMALL)
     params = random_params(cfg)
     convert.save_nanogpt(params, cfg, tmp_path / "nano" / "ckpt.pt")
     convert.save_hf(params, cfg, tmp_path / "hf")
-    for source in (tmp_path / "nano", tmp_path / "nano" / "ckpt.pt", str(tmp_path / "hf")):
-        got, got_cfg = convert.load_pretrained(source, dtype="bfloat16")
-        assert_trees_equal(got, params)
-        assert got_cfg.dtype == "bfloat16" and got_cfg.n_embd == 32
+    for source, kind in ((tmp_path / "nano", "nanogpt"), (tmp_path / "nano" / "ckpt.pt", "nanogpt"),
+                         (str(tmp_path / "hf"), "hf")):
+        got = weights.load(source, dtype="bfloat16", need_vocabulary=False)
+        assert_trees_equal(got.params, params)
+        assert got.kind == kind and got.cfg.dtype == "bfloat16" and got.cfg.n_embd == 32 and got.meta is None
+    # a 64-token model is no GPT-2 BPE model: sampling it needs its characters
+    with pytest.raises(FileNotFoundError, match="64-token vocabulary, not GPT-2's"):
+        weights.load(tmp_path / "hf")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither ckpt.pt"):
-        convert.load_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds no gptjax run"):
+        weights.load(tmp_path / "empty")
     with pytest.raises(ValueError, match="gpt2-medium"):
-        convert.load_pretrained("gpt5")
+        weights.load("gpt5")
     with pytest.raises(FileNotFoundError):
-        convert.load_pretrained(tmp_path / "missing.pt")
+        weights.load(tmp_path / "missing.pt")
 
 
 # ------------------------------------------------------------------------------------ crosscheck

@@ -74,7 +74,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def _execute(work: Path, params: dict, hub_online: bool = False):
     """The notebook run with `params` injected after its parameters cell; with hub_online, the hub
-    section once more, "online" against a local GPT-2-shaped directory (load_pretrained and
+    section once more, "online" against a local GPT-2-shaped directory (weights.load and
     transformers both take one), so its code runs here without a network."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (at,) = _tagged(nb, "parameters")

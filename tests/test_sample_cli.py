@@ -28,8 +28,10 @@ def char_run(tmp_path, monkeypatch, char_params):
     stoi = {ch: i for i, ch in enumerate(CHARS)}
     meta = {"vocab_size": len(CHARS), "itos": {i: ch for ch, i in stoi.items()}, "stoi": stoi}
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
+    (tmp_path / "checkpoints").mkdir()  # what makes a directory a run's
     run = {"dataset": "shakespeare_char", "data_dir": str(tmp_path)}
-    monkeypatch.setattr(checkpoint, "load_inference", lambda out_dir: (char_params, CFG, run))
+    saved = {"iter_num": 10, "best_val_loss": 2.0, "run": run}
+    monkeypatch.setattr(checkpoint, "load_inference", lambda out_dir: (char_params, CFG, saved))
     return tmp_path, meta
 
 
@@ -87,7 +89,7 @@ def test_hf_directory_gpt2_bpe(tmp_path, capsys):
             "--max_new_tokens=40", "--temperature=1.0", "--top_k=50000", "--seed=5"]
     assert sample.main(argv) == 0
     (text,) = split_samples(capsys.readouterr().out)
-    params, cfg = convert.load_pretrained(tmp_path)
+    params, cfg = convert.load_hf(tmp_path)
     tok = sample.Tokenizer(None)
     ids = tok.encode("Olá, mundo")
     key = jax.random.fold_in(jax.random.PRNGKey(5), 0)

@@ -364,8 +364,6 @@ def test_init_from_hf_directory_crops_block_size(data_dir, tmp_path):
     HF's, wpe cropped, and the iter-0 eval loss is the HF model's own loss on those batches."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    if not (ROOT / "gptjax" / "convert.py").is_file():
-        pytest.skip("gptjax/convert.py (load_pretrained) is not written yet")
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=65)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
@@ -397,8 +395,6 @@ def test_run_from_hf_weights_resumes_with_the_same_command(data_dir, tmp_path):
     keys say; `--init_from=resume` with the same keys continues that model (as nanoGPT takes the
     architecture from the checkpoint), while changing a key is still refused."""
     transformers = pytest.importorskip("transformers")
-    if not (ROOT / "gptjax" / "convert.py").is_file():
-        pytest.skip("gptjax/convert.py (load_pretrained) is not written yet")
     hf_cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=65)
     transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(tmp_path / "hf")
     # model keys that describe some other model: with init_from=<dir> they are not used
@@ -409,6 +405,10 @@ def test_run_from_hf_weights_resumes_with_the_same_command(data_dir, tmp_path):
     assert [r["iter"] for r in step_records(tmp_path / "out")] == [0, 1, 2, 3]
     params, model_cfg, _ = load_inference(tmp_path / "out")
     assert (model_cfg.n_layer, model_cfg.n_embd, model_cfg.activation, model_cfg.block_size) == (2, 32, "gelu_tanh", 16)
+    from gptjax import crosscheck  # a tanh-GELU run is compared with transformers' GPT-2
+
+    report, fmt, _ = crosscheck.crosscheck(tmp_path / "out")
+    assert report.ok and fmt == "gptjax run vs Hugging Face GPT2LMHeadModel", (report, fmt)
     with pytest.raises(ValueError, match="n_layer: .*4 vs config 3"):
         train(tiny(data_dir, tmp_path / "out", init_from="resume", max_iters=6, **{**keys, "n_layer": 3}))
 

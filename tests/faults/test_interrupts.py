@@ -33,7 +33,7 @@ def test_sigterm_finishes_step_checkpoints_and_resumes_bitwise(space, reference)
     assert len(stopped) == 1 and "--init_from=resume" in stopped[0], text[-2000:]
     n = int(stopped[0].split("at iter ")[1].split(";")[0])
     assert 0 < n < M and complete(out)[-1] == n
-    assert ckpt_lib.Checkpointer(out, create=False).latest_step() == n
+    assert ckpt_lib.Checkpointer(out).latest_step() == n
     assert_kept(before, snapshot(out))
 
     resumed = space.run("sigterm-resume", args(out, space.data, init_from="resume"))
@@ -119,7 +119,7 @@ def test_sigkill_during_saves_keeps_checkpoints_and_resume_is_bitwise(space, ref
         child.kill()
         after = complete(out)
         assert set(done) <= set(after) and after, (done, after)
-        assert ckpt_lib.Checkpointer(out, create=False).latest_step() == after[-1]
+        assert ckpt_lib.Checkpointer(out).latest_step() == after[-1]
         assert_kept(seen, snapshot(out))
         seen = snapshot(out)
         left_temporaries.append(bool(temporaries(out)))
@@ -141,7 +141,7 @@ def test_unfinished_saves_are_invisible_to_latest_step(space, reference):
     directory = ckpt_lib.checkpoint_dir(out)
     shutil.copytree(directory / str(M), directory / f"{M + 1}{TMP}-1700000000")  # all files, never renamed
     shutil.copytree(directory / str(M) / "meta", directory / f"{M + 2}{TMP}" / "meta")  # half written
-    manager = ckpt_lib.Checkpointer(out, create=False)
+    manager = ckpt_lib.Checkpointer(out)
     assert manager.latest_step() == M and M + 1 not in manager.manager.all_steps()
     manager.close()
     assert complete(out)[-1] == M
