@@ -36,13 +36,16 @@ def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
 class Checkpointer:
     """Saves and restores train states under OUT_DIR/checkpoints, keeping the newest `keep`."""
 
-    def __init__(self, out_dir: str | os.PathLike, keep: int = 2):
+    def __init__(self, out_dir: str | os.PathLike, keep: int = 2, writer: bool = False):
         # create=False: the directory appears with the first save, so a run that fails at set-up
-        # leaves no empty checkpoints/ behind (one that a later command would take for a run)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
+        # leaves no empty checkpoints/ behind (one that a later command would take for a run).
+        # writer: the one process that holds out_dir's lock, so no save is in flight but its own: it
+        # removes the temporary directories of saves that a killed run left unfinished.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, cleanup_tmp_directories=writer)
         self.directory = checkpoint_dir(out_dir)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._saving: int | None = None  # step of the save in flight, for error messages
+        self._failed = False  # a save failed and its error was raised
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -67,7 +70,7 @@ class Checkpointer:
         try:
             yield
         except Exception as err:
-            step, self._saving = self._saving, None
+            step, self._saving, self._failed = self._saving, None, True
             kept = complete_steps(self.directory)
             safe = (f"the newest complete checkpoint, step {kept[-1]}, is intact" if kept
                     else "there is no earlier complete checkpoint")
@@ -120,12 +123,20 @@ class Checkpointer:
             ) from err
         return meta
 
+    def check(self) -> None:
+        """Raise the error of a background save that has failed, without waiting for one in flight:
+        called every step, so a run stops where a failure is noticed, not at its next save."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self.wait()  # done: returns at once, raising if it failed
+
     def wait(self) -> None:
         with self._save_errors():
             self.manager.wait_until_finished()
         self._saving = None
 
     def close(self) -> None:
+        if self._failed:  # raised already, naming the step; orbax would raise its stored error again
+            return
         self.wait()
         self.manager.close()
 

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -125,6 +126,8 @@ class TrainConfig(GPTConfig):
                               ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")
+        if not self.out_dir.strip():
+            errors.append("out_dir is empty: pass --out_dir=DIR, the directory the run writes")
         if "://" in self.out_dir:
             errors.append(f"out_dir={self.out_dir!r} is a URL, and cloud storage is not supported yet: use a "
                           "local directory, or one every host shares (NFS, Filestore)")
@@ -253,6 +256,8 @@ def parse_override(arg: str) -> tuple[str, Any]:
 def find_config_file(name: str) -> Path:
     """A config given as a path, or a name of a file in configs/."""
     path = Path(name)
+    if path.is_dir():
+        raise IsADirectoryError(f"config {name} is a directory: pass a config file (a .py that defines get_config())")
     if path.suffix == ".py" and path.exists():
         return path
     if len(path.parts) > 1:  # a path: never silently replaced by the shipped config of that name
@@ -269,7 +274,12 @@ def load_config_file(name: str) -> TrainConfig:
     path = find_config_file(name)
     spec = importlib.util.spec_from_file_location(f"gptjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's code: a SyntaxError, an ImportError, a NameError, ...
+        where = next((f" (line {f.lineno})" for f in reversed(traceback.extract_tb(err.__traceback__))
+                      if f.filename == str(path)), f" (line {err.lineno})" if isinstance(err, SyntaxError) else "")
+        raise ValueError(f"config file {path} fails to run{where}: {type(err).__name__}: {err}") from None
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} must define get_config() returning a TrainConfig")
     try:

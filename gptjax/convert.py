@@ -226,11 +226,15 @@ def _config_from_hf(hf: dict, dtype: str, source: str) -> GPTConfig:
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
-        return safetensors.numpy.load_file(path)
-    except KeyError:  # numpy has no bfloat16; the flax reader does (via jax), still without torch
-        from safetensors.flax import load_file
+        try:
+            return safetensors.numpy.load_file(path)
+        except KeyError:  # numpy has no bfloat16; the flax reader does (via jax), still without torch
+            from safetensors.flax import load_file
 
-        return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+            return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: it is truncated or corrupt ({e}); "
+                         "download or export it again") from e
 
 
 def _read_hf_weights(directory: Path) -> dict[str, Any]:
@@ -241,8 +245,7 @@ def _read_hf_weights(directory: Path) -> dict[str, Any]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return {k: v for shard in shards for k, v in _load_safetensors(directory / shard).items()}
     if (directory / "pytorch_model.bin").is_file():
-        torch = _import_torch(f"reading {directory / 'pytorch_model.bin'}")
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _torch_load(directory / "pytorch_model.bin")
     raise FileNotFoundError(
         f"{directory} has no model.safetensors or pytorch_model.bin: save the model with "
         "save_pretrained() or gptjax.convert.save_hf"
@@ -265,7 +268,13 @@ def load_hf(path_or_name, dtype: str = "float32") -> tuple[dict, GPTConfig]:
         raise ValueError(f"{directory} is a file; pass the directory holding config.json")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face model directory?")
-    cfg = _config_from_hf(json.loads((directory / "config.json").read_text()), dtype, str(directory))
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{directory / 'config.json'} is not valid JSON ({err}): is it truncated?") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{directory / 'config.json'} holds a {type(hf).__name__}, not a Hugging Face config")
+    cfg = _config_from_hf(hf, dtype, str(directory))
     params = _state_to_params(_read_hf_weights(directory), cfg, transpose=False, source=str(directory))
     return params, cfg
 
@@ -319,6 +328,25 @@ def save_hf(params, cfg: GPTConfig, out_dir) -> Path:
 # ----------------------------------------------------------------------------- nanoGPT
 
 
+def _torch_load(path: Path):
+    """torch.load(weights_only=True), its failures one ValueError naming the file."""
+    torch = _import_torch(f"reading {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" in str(e).lower():  # a class or function to import: code would run, not garbage
+            raise ValueError(
+                f"{path} holds pickled objects beyond tensors and plain containers; refusing to "
+                "unpickle it (arbitrary code). Re-save it with only tensors, numbers and strings"
+            ) from e
+        why = e
+    except Exception as e:  # torch's readers meet a truncated zip or a text file with any error type at all
+        why = e
+    first = (str(why).strip().splitlines() or [""])[0][:200]
+    raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is truncated, corrupt or not written by "
+                     f"torch.save ({type(why).__name__}: {first})") from why
+
+
 def read_nanogpt_ckpt(ckpt_path) -> dict:
     """torch.load a nanoGPT checkpoint with weights_only=True and check its top-level layout."""
     path = Path(ckpt_path)
@@ -326,18 +354,7 @@ def read_nanogpt_ckpt(ckpt_path) -> dict:
         path = path / "ckpt.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no nanoGPT checkpoint at {path}")
-    torch = _import_torch(f"reading {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower():
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e})") from e
-        raise ValueError(
-            f"{path} holds pickled objects beyond tensors and plain containers; refusing to "
-            "unpickle it (arbitrary code). Re-save it with only tensors, numbers and strings"
-        ) from e
-    except (RuntimeError, KeyError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = _torch_load(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict)
             and isinstance(ckpt.get("model_args"), dict)):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__

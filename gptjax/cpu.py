@@ -160,26 +160,32 @@ def flat_data_parallel(fn, mesh: Mesh):
 # --- host settings ------------------------------------------------------------------------
 
 
-def split_devices(batch_size: int, max_devices: int = 8) -> int:
+def split_devices(batch_size: int, max_devices: int = 8, dp: int = -1, fsdp: int = 1) -> int:
     """On a CPU-only machine, expose the cores as separate XLA devices so that the batch runs
     data-parallel across them: XLA's CPU backend runs a small model's many little ops one after
     another, and one device per core keeps every core busy.
 
-    Does nothing when the user chose a device count (XLA_FLAGS, GPTJAX_CPU_DEVICES), an accelerator
+    A mesh the user sized (`dp` x `fsdp`, neither -1) gets exactly its devices. Otherwise the count
+    is the most devices, up to the cores (or GPTJAX_CPU_DEVICES), that divide batch_size and are a
+    multiple of the axis given. Does nothing when XLA_FLAGS sets a device count, an accelerator
     plugin is installed, the run spans several processes, or the backend is already up. Returns
-    the number of CPU devices it asked for (1: unchanged); the count divides batch_size."""
+    the number of CPU devices it asked for (1: unchanged)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:
         return 1
     requested = os.environ.get("GPTJAX_CPU_DEVICES")
-    if requested is None:
-        if _accelerator_installed() or _multi_process() or _backend_started():
-            return 1
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        limit = min(cores, max_devices)
+    if requested is None and (_accelerator_installed() or _multi_process() or _backend_started()):
+        return 1
+    if dp > 0 and fsdp > 0:
+        count = dp * fsdp  # batch divisibility is checked at set-up, with the fix in its message
     else:
-        limit = int(requested)
-    count = max(d for d in range(1, max(limit, 1) + 1) if batch_size % d == 0)
+        if requested is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            limit = min(cores, max_devices)
+        else:
+            limit = int(requested)
+        axis = max(dp, fsdp, 1)  # the size of the axis that is not -1
+        count = max([d for d in range(1, max(limit, 1) + 1) if batch_size % d == 0 and d % axis == 0], default=1)
     if count > 1:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     return count
@@ -224,7 +230,7 @@ def tune_host(cfg) -> None:
     """The CPU host settings for a TrainConfig's run, applied by the command-line entry points
     before JAX starts (no-ops on accelerator hosts): split the cores into devices, keep freed
     memory if it pays."""
-    n_devices = split_devices(cfg.batch_size) if cfg.dp == -1 and cfg.fsdp == 1 else 1
+    n_devices = split_devices(cfg.batch_size, dp=cfg.dp, fsdp=cfg.fsdp)
     keep_freed_memory(largest_activation_bytes(cfg.batch_size, cfg.block_size, cfg.n_embd, cfg.n_head, n_devices))
 
 

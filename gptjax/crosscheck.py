@@ -189,9 +189,9 @@ def main(argv=None) -> int:
         parser.error("--batch and --seq must be positive, --tol non-negative")
     try:
         report, fmt, cfg = crosscheck(args.path, args.tol, args.batch, args.seq, args.seed)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, RuntimeError) as e:  # RuntimeError: torch refusing a state dict
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return 2  # could not load: 1 means only "loaded, and the numbers differ"
     T = min(args.seq or 64, cfg.block_size)
     print(f"{args.path} ({fmt}): n_layer={cfg.n_layer} n_embd={cfg.n_embd} vocab={cfg.vocab_size}, "
           f"B={args.batch} T={T} seed={args.seed}, float32")

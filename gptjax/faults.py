@@ -10,11 +10,14 @@ leftover temporary directory is ignored by `latest_step` and replaced when that 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -84,6 +87,52 @@ def exit_now(out_dir: str | os.PathLike | None, code: int = EXIT_INTERRUPTED) ->
             stream.flush()
     _write_stderr(f"\nerror: interrupted: exiting at once without waiting for a checkpoint save.{where}\n")
     os._exit(code)
+
+
+class OutDirLock:
+    """The one writer of an out_dir: an flock on OUT_DIR/.gptjax-lock, held while the run lives. The
+    kernel drops it when its process dies, however it dies (kill -9 and power loss included), so the
+    file a killed run leaves behind is stale by construction and the next run simply takes it over;
+    its text (pid, host, start time) names the holder when another run is refused. Readers (sample,
+    export, plot, crosscheck) take no lock. Re-entrant within a process, which is one user (a notebook
+    that sets a run up again). On NFS, Linux emulates flock with POSIX locks through the lock daemon."""
+
+    NAME = ".gptjax-lock"
+    _held: dict[str, list] = {}  # resolved path -> [fd, holders] of this process
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir).absolute() / self.NAME
+        key = str(self.path.resolve())
+        if key in self._held:
+            self._held[key][1] += 1
+        else:
+            self._held[key] = [self._take(), 1]
+        self._key: str | None = key
+
+    def _take(self) -> int:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not said which"
+            os.close(fd)
+            raise OSError(f"out_dir {self.path.parent} is being written by another run ({holder}): wait for it "
+                          "to finish or stop it, or pass another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        return fd
+
+    def release(self) -> None:
+        """Give this holder's share back (once; later calls do nothing)."""
+        key, self._key = self._key, None
+        entry = self._held.get(key) if key is not None else None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._held[key]
+            os.close(entry[0])  # closing the last descriptor drops the flock
 
 
 def check_writable(out_dir: str | os.PathLike, min_free_bytes: int = 16 << 20) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,10 +15,31 @@ from gptjax.config import TrainConfig
 from gptjax.perf import device_peak_flops, mfu
 
 
+class MetricsWriteError(OSError):
+    """metrics.jsonl could not take a record (a full disk); train adds which checkpoint is safe."""
+
+
+def open_for_appending(path: Path):
+    """`path` opened to append lines; a last line that a crash or a full disk cut off mid-write is
+    cut away first (with a warning), so appended records never follow half of one."""
+    if path.is_file():
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - (64 << 10)))  # records are far shorter: the last newline is in here
+            tail = f.read()
+            if tail and not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n") + 1
+                torn = tail[cut:][:60].decode(errors="replace")
+                print(f"warning: {path} ended in a torn line ({torn!r}...), cut off by a crash or a full disk "
+                      "while it was written: removed", file=sys.stderr)
+                f.truncate(size - len(tail) + cut)
+    return open(path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing to flush at close
+
+
 class MetricsLogger:
     """Shows iteration, loss, lr, ms/iter, tokens/s, MFU and ETA; appends one JSON object per
     logged step (iter, loss, lr, grad_norm, loss_scale in float16 runs, dt_ms, tokens_per_s, mfu)
-    and per eval (iter, train_loss, val_loss) to OUT_DIR/metrics.jsonl."""
+    and per eval (iter, train_loss, val_loss) to OUT_DIR/metrics.jsonl, except in eval_only runs."""
 
     def __init__(self, cfg: TrainConfig, start_iter: int, is_main: bool, flops_per_iter: float):
         self.cfg, self.is_main, self.flops_per_iter = cfg, is_main, flops_per_iter
@@ -25,9 +47,10 @@ class MetricsLogger:
         self.bar = self.file = self.wandb = None
         if not is_main:
             return
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(cfg.out_dir) / "metrics.jsonl", "a")
-        if not cfg.eval_only:
+        if not cfg.eval_only:  # an evaluation leaves out_dir as it was: its losses are printed only
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            self.path = Path(cfg.out_dir) / "metrics.jsonl"
+            self.file = open_for_appending(self.path)
             self.bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="it",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
         device_peak_flops()  # measure the CPU peak now, not in the middle of the timed loop
@@ -39,8 +62,15 @@ class MetricsLogger:
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=cfg.to_dict())
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            line = (json.dumps(record) + "\n").encode()
+            try:  # a failure tears at most this line, which the next open cuts off
+                written = 0
+                while written < len(line):  # a write may take only part of it before the disk is full
+                    written += self.file.write(line[written:])
+            except OSError as err:
+                raise MetricsWriteError(f"could not write {self.path} at iter {record['iter']} "
+                                        f"({err.strerror or err}): free disk space") from err
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
 

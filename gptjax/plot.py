@@ -29,21 +29,25 @@ def read_metrics(out_dir: str | os.PathLike) -> tuple[dict[int, float], dict[int
         )
     steps: dict[int, float] = {}
     evals: dict[int, tuple[float, float]] = {}
-    text = path.read_text()
-    lines = text.splitlines()
-    for number, line in enumerate(lines, 1):
+    torn = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines) and not text.endswith("\n"):
-                break  # a run killed mid-write leaves a cut-off last line; the rest is intact
-            raise ValueError(f"{path} line {number} is not JSON ({err.msg}); the file is corrupt") from None
+        except json.JSONDecodeError:  # cut off by a crash or a full disk while it was written
+            torn.append(number)
+            continue
+        if not isinstance(record, dict) or "iter" not in record:
+            torn.append(number)
+            continue
         if "loss" in record:
             steps[int(record["iter"])] = float(record["loss"])
         if "val_loss" in record:
             evals[int(record["iter"])] = (float(record["train_loss"]), float(record["val_loss"]))
+    if torn:
+        print(f"warning: skipped {len(torn)} torn line(s) of {path} (line {', '.join(map(str, torn[:5]))}"
+              f"{' ...' if len(torn) > 5 else ''}), cut off while written by a crash or a full disk", file=sys.stderr)
     if not steps and not evals:
         raise ValueError(f"{path} holds no step or eval records yet: train for a few iterations first")
     return dict(sorted(steps.items())), dict(sorted(evals.items()))

@@ -112,7 +112,7 @@ def prepare_text(paths: Sequence[PathLike], out_dir: PathLike, val_fraction: flo
         if not Path(p).is_file():
             raise FileNotFoundError(f"input file {p} does not exist")
         # EOT separates documents the way openwebtext's prepare does, so windows see the boundary
-        ids += enc.encode_ordinary(Path(p).read_text(encoding="utf-8")) + [enc.eot_token]
+        ids += enc.encode_ordinary(read_text(p)) + [enc.eot_token]
     n_train = int(len(ids) * (1.0 - val_fraction))
     if n_train == 0 or n_train == len(ids):
         raise ValueError(f"{len(ids)} tokens are too few to split with val_fraction={val_fraction}")
@@ -171,6 +171,14 @@ def prepare_openwebtext(
     return _summary(out, counts["train"], counts["val"], _gpt2().n_vocab)
 
 
+def read_text(path: PathLike) -> str:
+    """A UTF-8 text file, its decoding failure naming the file and the byte."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8") from None
+
+
 def read_shakespeare(input_path: PathLike | None = None, out_dir: PathLike | None = None) -> str:
     """tiny-shakespeare's text: from `input_path`, else `out_dir/input.txt`, else downloaded (and
     saved to `out_dir/input.txt` for next time, as nanoGPT does)."""
@@ -179,10 +187,10 @@ def read_shakespeare(input_path: PathLike | None = None, out_dir: PathLike | Non
             raise FileNotFoundError(
                 f"--input {input_path} does not exist: pass the path to tiny-shakespeare's input.txt"
             )
-        return Path(input_path).read_text(encoding="utf-8")
+        return read_text(input_path)
     cached = Path(out_dir) / "input.txt" if out_dir is not None else None
     if cached is not None and cached.is_file():
-        return cached.read_text(encoding="utf-8")
+        return read_text(cached)
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=20) as response:
             text = response.read().decode("utf-8")
@@ -199,8 +207,15 @@ def read_shakespeare(input_path: PathLike | None = None, out_dir: PathLike | Non
 def ensure_dataset(dataset: str, data_dir: PathLike, input_path: PathLike | None = None) -> dict | None:
     """Make sure `data_dir` holds train.bin and val.bin, preparing the Shakespeare datasets when
     missing. Returns the prepare summary if it wrote them, else None."""
-    if all((Path(data_dir) / f"{s}.bin").is_file() for s in SPLITS):
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise NotADirectoryError(f"data_dir {data_dir} is a file: pass the directory that holds train.bin and val.bin")
+    present = [s for s in SPLITS if (Path(data_dir) / f"{s}.bin").is_file()]
+    if len(present) == len(SPLITS):
         return None
+    if present:  # a damaged dataset: preparing again would overwrite the split that is there
+        missing = [f"{s}.bin" for s in SPLITS if s not in present]
+        raise FileNotFoundError(f"{data_dir} has {present[0]}.bin but no {', '.join(missing)}: the dataset is "
+                                f"incomplete; prepare it again with `{prepare_command(dataset, data_dir)}`")
     writers = {"shakespeare_char": prepare_shakespeare_char, "shakespeare": prepare_shakespeare}
     if dataset not in writers:
         raise FileNotFoundError(

@@ -6,6 +6,7 @@ read while step n+1 runs, so the host never stalls the device to log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -25,10 +26,10 @@ from gptjax import prepare
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, check_state_matches, model_meta, write_json
 from gptjax.config import TrainConfig
-from gptjax.faults import StopRequest, check_free_space, check_writable, exit_now, state_nbytes
-from gptjax.metrics import MetricsLogger
+from gptjax.faults import OutDirLock, StopRequest, check_free_space, check_writable, exit_now, state_nbytes
+from gptjax.metrics import MetricsLogger, MetricsWriteError
 from gptjax.kernels import Kernels
-from gptjax.model import GPT2_ARCHITECTURE, GPTConfig, crop_block_size, flops_per_token, num_params
+from gptjax.model import GPT2_ARCHITECTURE, PRESETS, GPTConfig, crop_block_size, flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax.step import create_train_state, jit_steps
 
@@ -53,6 +54,16 @@ class Run:
     checkpointer: Checkpointer
     best_val_loss: float = float("inf")
     started_from: str = ""  # the weights of iter 0 or of the resumed checkpoint, for the log
+    lock: OutDirLock | None = None  # held by the process that writes out_dir
+
+    def close(self, wait_for_saves: bool = True) -> None:
+        """Finish (or, wait_for_saves=False, abandon) the save in flight and let out_dir go."""
+        try:
+            if wait_for_saves:
+                self.checkpointer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     @property
     def is_main(self) -> bool:
@@ -110,6 +121,9 @@ def _load_model_config(cfg: TrainConfig, meta: dict | None, checkpointer: Checkp
             f"run (init_from={cfg.init_from}) would overwrite: continue that run with --init_from=resume "
             f"(and a larger --max_iters), pass another --out_dir, or remove {cfg.out_dir} to start over"
         )
+    if cfg.init_from == "scratch" and cfg.eval_only and (step := checkpointer.latest_step()) is not None:
+        raise ValueError(f"eval_only with init_from=scratch evaluates random weights, not the run in out_dir "
+                         f"{cfg.out_dir!r} (newest checkpoint: iter {step}): pass --init_from=resume to evaluate it")
     if cfg.init_from == "scratch":
         return cfg.model_config(meta and meta["vocab_size"]), None, None, f"random weights (seed {cfg.seed})"
     if cfg.init_from == "resume":
@@ -135,6 +149,9 @@ def _load_model_config(cfg: TrainConfig, meta: dict | None, checkpointer: Checkp
         return _with_run_settings(GPTConfig.from_fields(saved["model"]), cfg), None, saved, f"checkpoint {source}"
     from gptjax import weights  # torch-free for HF safetensors and gptjax runs
 
+    if cfg.init_from not in PRESETS and not Path(cfg.init_from).exists():
+        raise ValueError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', a GPT-2 name ({', '.join(PRESETS)}) "
+                         "or an existing path (a gptjax out_dir, a Hugging Face directory, a nanoGPT ckpt.pt)")
     loaded = weights.load(cfg.init_from, need_vocabulary=False)
     params, model_cfg = loaded.params, loaded.cfg
     if loaded.meta is not None and meta is not None and loaded.meta["stoi"] != meta["stoi"]:
@@ -162,6 +179,18 @@ def setup(cfg: TrainConfig) -> Run:
         raise ValueError(f"batch_size={cfg.batch_size} does not divide over {jax.process_count()} hosts")
     if jax.process_index() == 0:
         check_writable(cfg.out_dir)
+    with contextlib.ExitStack() as on_error:
+        lock = None
+        if jax.process_index() == 0 and not cfg.eval_only:  # an evaluation writes nothing: a reader
+            lock = OutDirLock(cfg.out_dir)
+            on_error.callback(lock.release)
+        run = _setup(cfg, mesh, lock)
+        on_error.pop_all()
+    return run
+
+
+def _setup(cfg: TrainConfig, mesh, lock: OutDirLock | None) -> Run:
+    """setup once out_dir is this process's to write (`lock`; None: another host's, or an evaluation)."""
     data_dir = cfg.resolved_data_dir
     # Every host prepares when the files are missing: pod hosts have their own disks, and one that
     # read meta.pkl before host 0 had written it would build a model with GPT-2's vocabulary.
@@ -173,7 +202,7 @@ def setup(cfg: TrainConfig) -> Run:
         raise ValueError(f"{data_dir} is no longer the character vocabulary this run was trained on "
                          f"({cfg.out_dir}/meta.pkl): it was prepared again from another text; prepare it "
                          "from the run's text, or pass the --data_dir that holds it")
-    checkpointer = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints)
+    checkpointer = Checkpointer(cfg.out_dir, keep=cfg.keep_checkpoints, writer=lock is not None)
     model_cfg, params, resume_meta, started_from = _load_model_config(cfg, meta, checkpointer)
     if meta is not None and meta["vocab_size"] > model_cfg.vocab_size:
         raise ValueError(f"the dataset's meta.pkl has vocab_size={meta['vocab_size']} but the model has "
@@ -197,7 +226,7 @@ def setup(cfg: TrainConfig) -> Run:
         if meta is not None:  # the run's own vocabulary, for sampling after data/ is prepared again
             prepare.write_file(Path(cfg.out_dir) / "meta.pkl", pickle.dumps(meta))
     return Run(cfg, model_cfg, kernels, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val,
-               started_from)
+               started_from, lock)
 
 
 def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -234,6 +263,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
                         break
                 if it >= cfg.max_iters or stop.requested:
                     break
+                run.checkpointer.check()
                 batch = prefetch.next()
                 run.state, metrics = run.train_step(run.state, batch)
                 if pending is not None:  # read the previous step while this one runs
@@ -245,9 +275,13 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
                 pending = None
             if stop.requested:
                 run.save(it)
+                run.checkpointer.wait()  # "saved" is said once it is; a second Ctrl-C meanwhile leaves at once
                 log.info(f"stopped by {stop.signal_name} at iter {it}; checkpoint saved to "
                          f"{run.checkpointer.directory}. Resume with the same command plus --init_from=resume")
                 last["stopped"] = stop.signal_name
+    except MetricsWriteError as err:
+        then = "resume with --init_from=resume" if run.checkpointer.latest_step() is not None else "start again"
+        raise MetricsWriteError(f"{err}. {_last_checkpoint(run)}; {then}") from err
     except KeyboardInterrupt:
         # A second Ctrl-C: leave without waiting for a save in flight; its temporary directory is
         # never renamed, so the newest complete checkpoint stays the one a resume restores.
@@ -255,9 +289,10 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
         raise
     finally:
         prefetch.close()
-        if not hard_stop:
-            run.checkpointer.close()
-        log.close()
+        try:
+            run.close(wait_for_saves=not hard_stop)
+        finally:
+            log.close()
     return last
 
 
@@ -316,7 +351,18 @@ def main(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> int:
     except (ValueError, TypeError, OSError, ImportError, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if not isinstance(err, NonFiniteLoss) else 3
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        print(f"error: out of device memory ({_first_line(err)}): lower batch_size or block_size (with more "
+              "gradient_accumulation_steps for the same batch), or pass --remat=full", file=sys.stderr)
+        return 2
     return 0
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def run_steps(cfg, n_steps: int, out: Path, extras: bool) -> dict:
         np.savez(out / "params.npz", **_flat(params))
         result.update(_eval_and_sample(run, model, params, first, n_steps))
         run.save(n_steps)
-    run.checkpointer.close()
+    run.close()
     return result
 
 

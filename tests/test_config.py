@@ -142,7 +142,7 @@ def test_config_json_in_out_dir_equals_the_config(tmp_path):
                       "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
                       "--learning_rate=3e-3", "--max_iters=5", "--lr_decay_iters=5", "--warmup_iters=1"])
     run = setup(cfg)
-    run.checkpointer.close()
+    run.close()
     assert TrainConfig.load(tmp_path / "out" / "config.json") == cfg
 
 

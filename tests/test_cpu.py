@@ -206,6 +206,17 @@ def test_cpu_split_divides_the_batch(monkeypatch, limit, batch, expected):
     assert (f"device_count={expected}" in flags) == (expected > 1)
 
 
+@pytest.mark.parametrize("dp, fsdp, expected", [(2, 1, 2), (1, 2, 2), (4, 1, 4), (1, 1, 1), (-1, 2, 2)])
+def test_cpu_split_gives_a_sized_mesh_its_devices(monkeypatch, dp, fsdp, expected):
+    """--dp/--fsdp on a CPU-only host: the split makes the devices the mesh asks for."""
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("GPTJAX_CPU_DEVICES", raising=False)
+    monkeypatch.setattr(cpu, "_backend_started", lambda: False)
+    monkeypatch.setattr(cpu, "_accelerator_installed", lambda: False)
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1})  # two cores
+    assert cpu.split_devices(12, dp=dp, fsdp=fsdp) == expected
+
+
 def test_cpu_split_respects_user_flags_and_a_started_backend(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     assert cpu.split_devices(12) == 1

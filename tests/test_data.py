@@ -330,7 +330,7 @@ def test_openwebtext_is_nanogpts_token_stream_and_never_half_written(tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare_openwebtext(tmp_path / "cut", num_proc=1)
     assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["train.bin"]
-    with pytest.raises(FileNotFoundError, match="prepare it with"):
+    with pytest.raises(FileNotFoundError, match="has train.bin but no val.bin: .* prepare it again with"):
         prepare.ensure_dataset("openwebtext", tmp_path / "cut")
 
 

@@ -46,7 +46,7 @@ def test_scaled_float16_gradients_match_float32_where_unscaled_ones_underflow(da
     loss16, g16 = grads_of(run16, batch, jnp.float32(step_lib.LOSS_SCALE_INIT))
     _, g16_unscaled = grads_of(run16, batch, None)
     for run in (run16, run32):
-        run.checkpointer.close()
+        run.close()
     assert loss16 == pytest.approx(loss32, rel=1e-2)
     leaves32, leaves16 = jax.tree_util.tree_leaves(g32), jax.tree_util.tree_leaves(g16)
     norm = lambda leaves: float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in leaves)))
@@ -78,7 +78,7 @@ def test_overflow_skips_the_update_halves_the_scale_and_the_run_goes_on(data_dir
         state, metrics = run.train_step(state, batch)
         if np.isfinite(float(metrics["grad_norm"])):
             break
-    run.checkpointer.close()
+    run.close()
     assert np.isfinite(float(metrics["grad_norm"])) and float(state.loss_scale.scale) < 2.0**30
     assert int(state.step) - int(state.skipped) == 1  # exactly one update applied
     assert any(not np.array_equal(a, b) for a, b in
@@ -111,7 +111,7 @@ def test_float16_run_trains_checkpoints_the_scale_and_resumes_exactly(data_dir, 
     resumed = setup(dataclasses.replace(part, max_iters=12, init_from="resume"))
     uninterrupted = setup(dataclasses.replace(full, init_from="resume"))
     for run in (resumed, uninterrupted):
-        run.checkpointer.close()
+        run.close()
     assert resumed.state.loss_scale is not None
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(resumed.state)),
                     jax.tree_util.tree_leaves(jax.device_get(uninterrupted.state))):
@@ -127,7 +127,7 @@ out = []
 for i in range(3):
     run.state, m = run.train_step(run.state, run.to_device(run.batch("train", i)))
     out.append({k: float(v) for k, v in m.items()})
-run.checkpointer.close()
+run.close()
 print(json.dumps({"devices": run.mesh.devices.size, "metrics": out}))
 """
 
@@ -154,7 +154,7 @@ def test_float16_data_parallel_over_two_devices_matches_one(data_dir, tmp_path):
 
 def test_other_dtypes_keep_the_checkpoint_layout(data_dir, tmp_path):
     run = setup(tiny(data_dir, tmp_path, dtype="bfloat16"))
-    run.checkpointer.close()
+    run.close()
     assert run.state.loss_scale is None
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.state)[0]]
     assert paths and not any("loss_scale" in p for p in paths)  # no leaves: older checkpoints still restore

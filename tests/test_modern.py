@@ -264,7 +264,7 @@ def test_training_steps_match_pytorch(data_dir, tmp_path):
         for batch in batches:
             run.state, metrics = run.train_step(run.state, run.to_device(batch))
             ours.append(float(metrics["loss"]))
-    run.checkpointer.close()
+    run.close()
     theirs = torch_modern_losses(cfg, start, batches)
     assert ours[-1] < ours[0] - 0.5  # it learned: the comparison is not of a stalled run
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)

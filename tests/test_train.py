@@ -102,7 +102,7 @@ def initial_params(cfg: TrainConfig):
     """(params, model config) a run of `cfg` starts from (setup only: nothing is trained)."""
     run = setup(cfg)
     params, model_cfg = jax.device_get(run.state.params), run.model_cfg
-    run.checkpointer.close()
+    run.close()
     return params, model_cfg
 
 
@@ -124,7 +124,7 @@ def test_loss_falls_when_overfitting_one_batch(data_dir, tmp_path):
     for _ in range(30):
         run.state, metrics = run.train_step(run.state, batch)
         losses.append(float(metrics["loss"]))
-    run.checkpointer.close()
+    run.close()
     assert losses[0] == pytest.approx(np.log(65), abs=0.3)  # untrained: about uniform over 65 chars
     # measured on CPU: 4.17 -> 0.96, falling at every step
     assert losses[-1] < 0.35 * losses[0], losses
@@ -145,8 +145,8 @@ def test_accumulation_matches_one_big_batch(data_dir, tmp_path):
     micro_state, micro_m = micro.train_step(micro.state, micro.to_device((x_AxBxT, y_AxBxT)))
     whole_batch = (x_AxBxT.reshape(1, 8, 16), y_AxBxT.reshape(1, 8, 16))
     whole_state, whole_m = whole.train_step(whole.state, whole.to_device(whole_batch))
-    micro.checkpointer.close()
-    whole.checkpointer.close()
+    micro.close()
+    whole.close()
 
     assert float(micro_m["loss"]) == pytest.approx(float(whole_m["loss"]), abs=1e-6)
     assert float(micro_m["grad_norm"]) == pytest.approx(float(whole_m["grad_norm"]), rel=1e-6)
@@ -189,7 +189,7 @@ def test_skipped_update_is_as_if_the_batch_never_came(data_dir, tmp_path):
         run = setup(cfg)
         for xy in batches:
             run.state, metrics = run.train_step(run.state, run.to_device(xy))
-        run.checkpointer.close()
+        run.close()
         logged.append({k: float(v) for k, v in metrics.items()})
         params.append(jax.device_get(run.state.params))
     assert logged[0]["skipped"] == 1, "the out-of-vocabulary batch should give a non-finite loss"
@@ -261,13 +261,17 @@ def test_eval_only_evaluates_and_exits(dropout_run, data_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(full_dir, out)
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    n_records = len(records(out))
+    metrics = (out / "metrics.jsonl").read_text()
     result = train(bf16_dropout(data_dir, out, init_from="resume", eval_only=True))
-    new = records(out)[n_records:]
-    # one eval of the step-20 checkpoint, equal to the one the run itself made at 20; no training
-    assert new == [eval_records(full_dir)[-1]]
-    assert result["iter"] == 20 and result["val_loss"] == new[0]["val_loss"]
+    # one eval of the step-20 checkpoint, equal to the one the run itself made at 20; no training,
+    # and the run's files as they were
+    want = eval_records(full_dir)[-1]
+    assert result["iter"] == 20 and (result["train_loss"], result["val_loss"]) == (want["train_loss"], want["val_loss"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
+    assert (out / "metrics.jsonl").read_text() == metrics
+    # random weights evaluated in a run's out_dir are refused: that user meant the run
+    with pytest.raises(ValueError, match="evaluates random weights, not the run .*--init_from=resume"):
+        train(bf16_dropout(data_dir, out, eval_only=True))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -313,11 +317,6 @@ def test_new_run_leaves_an_earlier_runs_checkpoints_alone(dropout_run, data_dir,
         train(bf16_dropout(data_dir, full_dir))
     assert sorted(p.name for p in (full_dir / "checkpoints").iterdir()) == before
     assert (full_dir / "metrics.jsonl").read_text() == metrics
-    # evaluating fresh weights there writes no checkpoint, so it may (nanoGPT's eval_gpt2 in out/)
-    copy = tmp_path / "run"
-    shutil.copytree(full_dir, copy)  # the eval's record goes to metrics.jsonl
-    assert "val_loss" in train(bf16_dropout(data_dir, copy, eval_only=True))
-    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == before
 
 
 @pytest.mark.parametrize("change, message", [
@@ -415,7 +414,7 @@ def test_run_from_hf_weights_resumes_with_the_same_command(data_dir, tmp_path):
 
 def test_metrics_records_have_the_documented_keys(dropout_run):
     full_dir, _ = dropout_run
-    cfg = bf16_dropout("", "")
+    cfg = bf16_dropout("", full_dir)
     steps = step_records(full_dir)
     assert [r["iter"] for r in steps] == list(range(20))
     for r in steps:
@@ -444,7 +443,7 @@ def test_bfloat16_trains_with_float32_state(dropout_run, data_dir, tmp_path):
         run.state, metrics = run.train_step(run.state, run.to_device(run.batch("train", i)))
         assert np.isfinite(float(metrics["loss"]))
     state = jax.device_get(run.state)
-    run.checkpointer.close()
+    run.close()
     assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
     moments = [x for x in jax.tree_util.tree_leaves(state.opt_state) if np.issubdtype(x.dtype, np.floating)]
     assert len(moments) == 2 * len(jax.tree_util.tree_leaves(state.params))  # AdamW's mu and nu
@@ -478,7 +477,7 @@ def test_scanned_run_checkpoints_gpt2_layout_and_resumes_either_way(data_dir, tm
     unscanned = tiny(data_dir, tmp_path / "unscanned", init_from="resume", dropout=0.1)
     run = setup(unscanned)
     restored = jax.device_get(run.state.params)
-    run.checkpointer.close()
+    run.close()
     saved, _, _ = load_inference(tmp_path / "unscanned")
     assert restored.keys() == saved.keys()
     for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(saved)):
@@ -499,4 +498,4 @@ def test_initialisation_and_dropout_draw_separate_streams_from_the_seed(data_dir
     want = init_params(run.model_cfg, init_key)
     for a, b in zip(jax.tree_util.tree_leaves(run.state.params), jax.tree_util.tree_leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    run.checkpointer.close()
+    run.close()

@@ -59,7 +59,7 @@ def test_training_steps_match_nanogpt_loop(data_dir, tmp_path, bias):
             run.state, metrics = run.train_step(run.state, run.to_device(batch))
             ours.append(float(metrics["loss"]))
             clipped += float(metrics["grad_norm"]) > cfg.grad_clip
-    run.checkpointer.close()
+    run.close()
     theirs, torch_params = nanogpt_losses(cfg, start, batches)
 
     assert clipped > 0  # clipping took part

@@ -37,10 +37,11 @@ def args(out_dir, data_dir, **overrides):
 class Child:
     """One `python -m gptjax.train` process (through _fault_worker.py), its output in files we poll."""
 
-    def __init__(self, workdir: Path, name: str, argv, env, file_size_limit=None):
+    def __init__(self, workdir: Path, name: str, argv, env, file_size_limit=None, slow_wait=None):
         self.out, self.err = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
         limit = [] if file_size_limit is None else ["--file-size-limit", str(file_size_limit)]
-        command = [sys.executable, str(Path(__file__).with_name("_fault_worker.py")), *limit, "--", *argv]
+        slow = [] if slow_wait is None else ["--slow-wait", str(slow_wait)]
+        command = [sys.executable, str(Path(__file__).with_name("_fault_worker.py")), *limit, *slow, "--", *argv]
         self.relay = None
         with open(self.out, "w") as out, open(self.err, "w") as err:
             if file_size_limit is None:

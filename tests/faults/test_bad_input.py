@@ -61,7 +61,7 @@ def _tokens(path, ids):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("missing", ["has no train.bin/val.bin", "python -m gptjax.prepare"]),
+    ("missing", ["has val.bin but no train.bin: the dataset is incomplete", "python -m gptjax.prepare"]),
     ("empty", ["train.bin has 0 bytes"]),
     ("short", ["val.bin holds 10 tokens but block_size=16 needs at least 17"]),
     ("big-token", ["train.bin holds token id 300 but vocab_size="]),
@@ -72,7 +72,7 @@ def test_bad_data_is_one_line_error_before_compiling(space, tmp_path, capsys, co
     data, extra = data_copy(space, tmp_path), {}
     if damage == "missing":
         (data / "train.bin").unlink()
-        extra = {"dataset": "mycorpus"}  # shakespeare* would be prepared (downloaded) instead
+        extra = {"dataset": "mycorpus"}
     elif damage == "empty":
         (data / "train.bin").write_bytes(b"")
     elif damage == "short":
