@@ -1,0 +1,91 @@
+"""The real peers the benchmarks run against, and what every table records about its host.
+
+`nanogpt_cpu_recipe` runs nanoGPT's own, unmodified train.py (from ../shared/nanogpt or a clone the
+user names) on its README's CPU recipe, in a scratch copy whose data/shakespeare_char links to the
+given data, timed from outside as a process; `gptjax_recipe` times `python -m gptjax.train` the
+same way, and `eval_200` evaluates either's final model with gptjax's evaluator on 200 batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_BATCHES = 200
+NANOGPT = ROOT.parent / "shared" / "nanogpt"
+# nanoGPT's README, "I only have a macbook": on top of config/train_shakespeare_char.py
+CPU_RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
+              "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+              "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def host() -> str:
+    """CPU model (lscpu), cores and the libraries' versions, for the line above a table."""
+    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
+        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
+    import jax
+    import torch
+
+    return (f"{model} ({os.cpu_count()} cores); Python {platform.python_version()}, jax {jax.__version__}, "
+            f"PyTorch {torch.__version__}")
+
+
+def nanogpt_cpu_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int = 2000) -> dict:
+    """nanoGPT's train.py on its CPU recipe (`iters` iterations, evaluated at the end): wall clock
+    of the whole process, its last in-run val loss (20 batches) and its ckpt.pt."""
+    missing = [name for name in ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py")
+               if not (nanogpt / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{nanogpt} is not a nanoGPT checkout (no {', '.join(missing)}): pass --nanogpt=PATH")
+    flags = CPU_RECIPE + [f"--out_dir={out_dir}"]
+    if iters != 2000:
+        flags += [f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--eval_interval={iters}"]
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        for name in ("train.py", "model.py", "configurator.py"):
+            shutil.copy(nanogpt / name, work / name)
+        (work / "config").mkdir()
+        shutil.copy(nanogpt / "config" / "train_shakespeare_char.py", work / "config")
+        (work / "data" / "shakespeare_char").mkdir(parents=True)
+        for name in ("train.bin", "val.bin", "meta.pkl"):
+            (work / "data" / "shakespeare_char" / name).symlink_to(data_dir.resolve() / name)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", *flags], cwd=work,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"nanoGPT's train.py failed:\n{proc.stderr[-2000:]}")
+    step, val = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", proc.stdout)[-1]
+    return {"impl": f"nanoGPT train.py, {iters} iters", "wall_s": wall, "iters": int(step),
+            "val_loss_20": float(val), "ckpt": out_dir / "ckpt.pt"}
+
+
+def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str) -> dict:
+    cmd = [sys.executable, "-m", "gptjax.train", config, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=ROOT)
+    wall = time.perf_counter() - start
+    last = [json.loads(line) for line in open(out_dir / "metrics.jsonl") if "val_loss" in line][-1]
+    return {"impl": f"gptjax {config}{' ' + ' '.join(overrides) if overrides else ''}", "wall_s": wall,
+            "iters": last["iter"], "val_loss_20": last["val_loss"], "run": out_dir}
+
+
+def eval_200(init_from: Path, config: str, data_dir: Path) -> float:
+    """Validation loss over EVAL_BATCHES batches, gptjax's evaluator, for a run or a ckpt.pt (printed
+    by an eval_only run, which writes nothing)."""
+    weights = init_from if init_from.suffix == ".pt" else "resume"
+    with tempfile.TemporaryDirectory() as scratch:
+        out_dir = scratch if init_from.suffix == ".pt" else init_from
+        out = subprocess.run([sys.executable, "-m", "gptjax.train", config, f"--init_from={weights}",
+                              f"--out_dir={out_dir}", "--eval_only=True", f"--eval_iters={EVAL_BATCHES}",
+                              f"--data_dir={data_dir}"], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return float(out.rsplit("val loss ", 1)[1].split()[0])
