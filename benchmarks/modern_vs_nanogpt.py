@@ -22,21 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from peers import EVAL_BATCHES, NANOGPT, ROOT, eval_200, gptjax_recipe, host, nanogpt_cpu_recipe
+from peers import (EVAL_BATCHES, eval_200, gptjax_recipe, host, nanogpt_cpu_recipe, peer_arguments,
+                   shakespeare_char)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1337,1,2")
-    parser.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's checkout (default ../shared/nanogpt)")
-    parser.add_argument("--data_dir", type=Path, default=ROOT / "data" / "shakespeare_char")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "modern_vs_nanogpt.md")
+    peer_arguments(parser, "modern_vs_nanogpt.md")
     args = parser.parse_args()
-    from gptjax.prepare import ensure_dataset
-
-    corpus = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    ensure_dataset("shakespeare_char", args.data_dir, corpus if corpus.is_file() else None)
-    data_dir = args.data_dir.resolve()
+    data_dir = shakespeare_char(args.data_dir)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

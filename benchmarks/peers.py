@@ -8,6 +8,7 @@ same way, and `eval_200` evaluates either's final model with gptjax's evaluator 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -26,6 +27,22 @@ NANOGPT = ROOT.parent / "shared" / "nanogpt"
 CPU_RECIPE = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
               "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
               "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def peer_arguments(parser: argparse.ArgumentParser, table: str) -> None:
+    """The options every peer benchmark takes: nanoGPT's checkout, the data, where the table goes."""
+    parser.add_argument("--nanogpt", type=Path, default=NANOGPT, help="nanoGPT's checkout (default ../shared/nanogpt)")
+    parser.add_argument("--data_dir", type=Path, default=ROOT / "data" / "shakespeare_char")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / table)
+
+
+def shakespeare_char(data_dir: Path) -> Path:
+    """`data_dir`, prepared for shakespeare_char when it is not (from the shared corpus offline)."""
+    from gptjax.prepare import ensure_dataset
+
+    corpus = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    ensure_dataset("shakespeare_char", data_dir, corpus if corpus.is_file() else None)
+    return data_dir.resolve()
 
 
 def host() -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax import sharding
+from gptjax.faults import first_line
 from gptjax.model import RUN_SETTINGS, GPTConfig, to_gpt2_layout, to_scan_layout
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -101,7 +102,7 @@ class Checkpointer:
         except Exception as err:  # tensorstore raises bare Exceptions for unreadable data
             raise ValueError(
                 f"cannot restore checkpoint {self.directory / str(step)}: it is corrupt or incomplete, or "
-                f"was written for a different model or optimizer (e.g. grad_clip on/off, float16's loss scale) ({_first_line(err)}). "
+                f"was written for a different model or optimizer (e.g. grad_clip on/off, float16's loss scale) ({first_line(err)}). "
                 "Delete that directory to resume from an older checkpoint, or pass another out_dir"
             ) from err
         state = restored.state
@@ -119,7 +120,7 @@ class Checkpointer:
         except Exception as err:
             raise ValueError(
                 f"checkpoint {self.directory / str(step)} is corrupt or incomplete: cannot read its "
-                f"metadata ({_first_line(err)}). Delete that directory to resume from an older checkpoint"
+                f"metadata ({first_line(err)}). Delete that directory to resume from an older checkpoint"
             ) from err
         return meta
 
@@ -155,7 +156,7 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
 
 
 def _storage_error(err: BaseException) -> str:
-    """`_first_line(err)`, led by the OS's name for the failure ("No space left on device") when
+    """`first_line(err)`, led by the OS's name for the failure ("No space left on device") when
     the error or its causes carry one: tensorstore puts it last, after paths long enough to be cut."""
     causes = []
     while err is not None and err not in causes:
@@ -167,14 +168,8 @@ def _storage_error(err: BaseException) -> str:
         if found:
             code = int(found.group(1) or found.group(2))
         if code:
-            return f"{os.strerror(code)}: {_first_line(causes[0])}"
-    return _first_line(causes[0])
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    # storage errors put the cause ("No space left on device") last, after long paths: keep both ends
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
+            return f"{os.strerror(code)}: {first_line(causes[0])}"
+    return first_line(causes[0])
 
 
 def check_model_matches(saved: dict[str, Any], current, source: str) -> None:
@@ -249,7 +244,7 @@ def restore_part(out_dir: str | os.PathLike, step: int, name: str, abstract):
                     "away to use it" if older else "")
         what = {"params": "parameters", "opt_state": "optimizer state"}.get(name, name)
         raise ValueError(f"cannot read the {what} of checkpoint {directory / str(step)}: it is corrupt or "
-                         f"incomplete ({_first_line(err)}){fallback}") from err
+                         f"incomplete ({first_line(err)}){fallback}") from err
 
 
 def model_meta(cfg: GPTConfig) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from gptjax.faults import first_line
 from gptjax.model import PRESETS, GPTConfig, init_params
 
 HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
@@ -342,9 +343,8 @@ def _torch_load(path: Path):
         why = e
     except Exception as e:  # torch's readers meet a truncated zip or a text file with any error type at all
         why = e
-    first = (str(why).strip().splitlines() or [""])[0][:200]
     raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is truncated, corrupt or not written by "
-                     f"torch.save ({type(why).__name__}: {first})") from why
+                     f"torch.save ({type(why).__name__}: {first_line(why)})") from why
 
 
 def read_nanogpt_ckpt(ckpt_path) -> dict:
@@ -416,6 +416,17 @@ def nanogpt_optimizer_state(cfg: GPTConfig, learning_rate: float = 6e-4, betas=(
     return optimizer.state_dict()
 
 
+def nanogpt_numerics_changes(cfg: GPTConfig) -> list[str]:
+    """How nanoGPT's GPT, which always runs exact GELU and LayerNorm eps 1e-5, would compute this
+    model differently (empty: as gptjax does)."""
+    changes = []
+    if cfg.activation != "gelu":
+        changes.append(f"activation={cfg.activation!r} (nanoGPT uses exact 'gelu')")
+    if cfg.layer_norm_eps != _NANOGPT_LN_EPS:
+        changes.append(f"layer_norm_eps={cfg.layer_norm_eps} (nanoGPT uses 1e-5)")
+    return changes
+
+
 def save_nanogpt(params, cfg: GPTConfig, path, extra: dict | None = None,
                  allow_numerics_change: bool = False) -> Path:
     """Write a ckpt.pt that nanoGPT's train.py resumes and its sample.py samples (state dict keys as
@@ -424,11 +435,7 @@ def save_nanogpt(params, cfg: GPTConfig, path, extra: dict | None = None,
     best_val_loss, config, optimizer). nanoGPT always runs exact GELU and LayerNorm eps 1e-5; other
     settings are refused unless allow_numerics_change."""
     _refuse_modern(cfg, "nanoGPT's GPT")
-    changes = []
-    if cfg.activation != "gelu":
-        changes.append(f"activation={cfg.activation!r} (nanoGPT uses exact 'gelu')")
-    if cfg.layer_norm_eps != _NANOGPT_LN_EPS:
-        changes.append(f"layer_norm_eps={cfg.layer_norm_eps} (nanoGPT uses 1e-5)")
+    changes = nanogpt_numerics_changes(cfg)
     if changes and not allow_numerics_change:
         raise ValueError(
             f"nanoGPT would run this model differently: {'; '.join(changes)}. Export it for Hugging Face "

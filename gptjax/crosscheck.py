@@ -146,7 +146,7 @@ def load_both(path):
         if options := w.cfg.not_gpt2():
             raise ValueError(f"{p} is a gptjax run with {', '.join(options)}, which PyTorch's GPT-2 models "
                              "(nanoGPT's, transformers') do not have: crosscheck compares GPT-2 models")
-        if (w.cfg.activation, w.cfg.layer_norm_eps) == ("gelu", 1e-5):
+        if not convert.nanogpt_numerics_changes(w.cfg):
             model_args = {k: getattr(w.cfg, k) for k in convert.NANOGPT_ARGS}
             torch_model = _torch_nanogpt(model_args, convert.nanogpt_state_dict(w.params, w.cfg))
             return torch_model, w.params, w.cfg, "gptjax run vs nanoGPT's GPT"

@@ -81,7 +81,8 @@ def _adam_moments(w: weights.Weights):
     from gptjax import checkpoint, config as config_lib
     from gptjax.optim import make_optimizer
 
-    optimizer = make_optimizer(config_lib.from_dict(w.run, source=str(w.path / "config.json")))
+    step_dir = checkpoint.checkpoint_dir(w.path) / str(w.iter_num)
+    optimizer = make_optimizer(config_lib.from_dict(w.run, source=f"the run config of checkpoint {step_dir}"))
     abstract = jax.eval_shape(optimizer.init, w.params)
     opt_state = checkpoint.restore_part(w.path, w.iter_num, "opt_state", abstract)
     is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731

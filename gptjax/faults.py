@@ -135,6 +135,13 @@ class OutDirLock:
             os.close(entry[0])  # closing the last descriptor drops the flock
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An error's first line for a one-line message, its type's name if it has none. Storage errors
+    put the cause ("No space left on device") last, after long paths: a long line keeps both ends."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else f"{text[:limit // 3]} ... {text[-(2 * limit) // 3:]}"
+
+
 def check_writable(out_dir: str | os.PathLike, min_free_bytes: int = 16 << 20) -> None:
     """Fail before training starts when out_dir cannot take a checkpoint."""
     path = Path(out_dir)

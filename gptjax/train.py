@@ -26,7 +26,8 @@ from gptjax import prepare
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, check_state_matches, model_meta, write_json
 from gptjax.config import TrainConfig
-from gptjax.faults import OutDirLock, StopRequest, check_free_space, check_writable, exit_now, state_nbytes
+from gptjax.faults import (OutDirLock, StopRequest, check_free_space, check_writable, exit_now, first_line,
+                           state_nbytes)
 from gptjax.metrics import MetricsLogger, MetricsWriteError
 from gptjax.kernels import Kernels
 from gptjax.model import GPT2_ARCHITECTURE, PRESETS, GPTConfig, crop_block_size, flops_per_token, num_params
@@ -354,15 +355,10 @@ def main(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> int:
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
-        print(f"error: out of device memory ({_first_line(err)}): lower batch_size or block_size (with more "
+        print(f"error: out of device memory ({first_line(err)}): lower batch_size or block_size (with more "
               "gradient_accumulation_steps for the same batch), or pass --remat=full", file=sys.stderr)
         return 2
     return 0
-
-
-def _first_line(err: BaseException, limit: int = 200) -> str:
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 if __name__ == "__main__":
