@@ -71,6 +71,11 @@ class TrainConfig(GPTConfig):
     wandb_log: bool = False
     wandb_project: str = "owt"
     wandb_run_name: str = "gpt2"
+    tensorboard: bool = True  # the logged scalars also as TensorBoard events in out_dir/tensorboard
+    # downstream tasks of lm-evaluation-harness at every eval (pip install 'gptjax[eval]')
+    eval_tasks: str = ""  # comma-separated lm-eval task names, e.g. hellaswag,arc_easy
+    eval_tasks_limit: int = 0  # examples per task (0: all of them)
+    eval_tasks_include_path: str = ""  # a directory of task YAML files of your own
     # data
     dataset: str = "openwebtext"
     data_dir: str = ""  # where train.bin/val.bin/meta.pkl live; '' means data/<dataset>
@@ -110,7 +115,8 @@ class TrainConfig(GPTConfig):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}={getattr(self, name)} must be positive")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "max_iters",
-                     "warmup_iters", "lr_decay_iters", "prefetch", "muon_lr", "embedding_lr", "head_lr"):
+                     "warmup_iters", "lr_decay_iters", "prefetch", "muon_lr", "embedding_lr", "head_lr",
+                     "eval_tasks_limit"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}={getattr(self, name)} must not be negative")
         for name in ("beta1", "beta2", "muon_momentum"):
@@ -136,6 +142,10 @@ class TrainConfig(GPTConfig):
                 errors.append(f"{name}={getattr(self, name)} must be a positive mesh size or -1")
         if errors:
             raise ValueError("invalid config: " + "; ".join(errors))
+
+    @property
+    def task_names(self) -> list[str]:
+        return [name.strip() for name in self.eval_tasks.split(",") if name.strip()]
 
     @property
     def resolved_data_dir(self) -> str:

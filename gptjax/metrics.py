@@ -1,4 +1,5 @@
-"""Console progress bar, metrics.jsonl and optional Weights & Biases, from the main process only."""
+"""Console progress bar, metrics.jsonl, TensorBoard events and optional Weights & Biases, from the
+main process only."""
 
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ def open_for_appending(path: Path):
 
 class MetricsLogger:
     """Shows iteration, loss, lr, ms/iter, tokens/s, MFU and ETA; appends one JSON object per
-    logged step (iter, loss, lr, grad_norm, loss_scale in float16 runs, dt_ms, tokens_per_s, mfu)
-    and per eval (iter, train_loss, val_loss) to OUT_DIR/metrics.jsonl, except in eval_only runs."""
+    logged step (iter, loss, lr, grad_norm, loss_scale in float16 runs, dt_ms, tokens_per_s, mfu),
+    per eval (iter, train_loss, val_loss) and per task evaluation (iter, 'task/metric': value) to
+    OUT_DIR/metrics.jsonl, except in eval_only runs; the same scalars, under the same names, go to
+    TensorBoard events in OUT_DIR/tensorboard (cfg.tensorboard)."""
 
     def __init__(self, cfg: TrainConfig, start_iter: int, is_main: bool, flops_per_iter: float):
         self.cfg, self.is_main, self.flops_per_iter = cfg, is_main, flops_per_iter
         self.last_time = None
-        self.bar = self.file = self.wandb = None
+        self.bar = self.file = self.wandb = self.tensorboard = None
         if not is_main:
             return
         if not cfg.eval_only:  # an evaluation leaves out_dir as it was: its losses are printed only
@@ -53,6 +56,10 @@ class MetricsLogger:
             self.file = open_for_appending(self.path)
             self.bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="it",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+            if cfg.tensorboard:  # TensorBoard's own numpy-only writer: no TensorFlow or PyTorch to import
+                from tensorboard.summary import Writer
+
+                self.tensorboard = Writer(str(Path(cfg.out_dir) / "tensorboard"))
         device_peak_flops()  # measure the CPU peak now, not in the middle of the timed loop
         if cfg.wandb_log:
             try:
@@ -71,6 +78,15 @@ class MetricsLogger:
             except OSError as err:
                 raise MetricsWriteError(f"could not write {self.path} at iter {record['iter']} "
                                         f"({err.strerror or err}): free disk space") from err
+        if self.tensorboard is not None:
+            try:  # the writer's thread reports a failed write at the next call
+                for name, value in record.items():
+                    if name != "iter":
+                        self.tensorboard.add_scalar(name, value, step=record["iter"])
+            except OSError as err:
+                self.tensorboard = None  # its thread has stopped: nothing is left to close
+                raise MetricsWriteError(f"could not write the TensorBoard events in {self.path.parent / 'tensorboard'} "
+                                        f"at iter {record['iter']} ({err.strerror or err}): free disk space") from err
         if self.wandb is not None:
             self.wandb.log(record, step=record["iter"])
 
@@ -106,7 +122,16 @@ class MetricsLogger:
         self.info(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         self._write({"iter": it, "train_loss": train_loss, "val_loss": val_loss})
 
+    def tasks(self, it: int, metrics: dict[str, float]) -> None:
+        self.last_time = None  # nor is the tasks' time
+        if not self.is_main:
+            return
+        self.info(f"step {it}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+        self._write({"iter": it, **metrics})
+
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:

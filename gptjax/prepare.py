@@ -29,10 +29,15 @@ PathLike = str | os.PathLike
 
 
 @functools.lru_cache(maxsize=None)
-def _gpt2():
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE: downloaded once, or from TIKTOKEN_CACHE_DIR's cache when offline."""
     import tiktoken
 
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # requests' and blobfile's errors: no GPT-2 files without a network or cache
+        raise ConnectionError(f"could not read GPT-2's tokenizer files ({type(err).__name__}); when offline, set "
+                              "TIKTOKEN_CACHE_DIR to a tiktoken cache that holds them") from err
 
 
 def prepare_command(dataset: str, data_dir: PathLike) -> str:
@@ -89,13 +94,13 @@ def _write_bpe(out: Path, train_ids: list[int], val_ids: list[int], **extra: Any
     (out / "meta.pkl").unlink(missing_ok=True)
     write_file(out / "val.bin", val_ids)
     write_file(out / "train.bin", train_ids)
-    return _summary(out, len(train_ids), len(val_ids), _gpt2().n_vocab, **extra)
+    return _summary(out, len(train_ids), len(val_ids), gpt2_encoding().n_vocab, **extra)
 
 
 def prepare_shakespeare(text: str, out_dir: PathLike) -> dict:
     """GPT-2 BPE ids of `text` split 90/10 by characters (nanoGPT data/shakespeare/prepare.py)."""
     train_text, val_text = _split_text(text, "the text")
-    enc = _gpt2()
+    enc = gpt2_encoding()
     train_ids, val_ids = enc.encode_ordinary(train_text), enc.encode_ordinary(val_text)
     return _write_bpe(Path(out_dir), train_ids, val_ids, characters=len(text))
 
@@ -107,7 +112,7 @@ def prepare_text(paths: Sequence[PathLike], out_dir: PathLike, val_fraction: flo
         raise ValueError(f"val_fraction={val_fraction} must be strictly between 0 and 1")
     if not paths:
         raise ValueError("prepare_text needs at least one input file")
-    enc, ids = _gpt2(), []
+    enc, ids = gpt2_encoding(), []
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"input file {p} does not exist")
@@ -120,8 +125,8 @@ def prepare_text(paths: Sequence[PathLike], out_dir: PathLike, val_fraction: flo
 
 
 def _owt_process(example: dict) -> dict:
-    ids = _gpt2().encode_ordinary(example["text"])  # encode_ordinary ignores special tokens
-    ids.append(_gpt2().eot_token)  # nanoGPT appends (not prepends) eot: 50256
+    ids = gpt2_encoding().encode_ordinary(example["text"])  # encode_ordinary ignores special tokens
+    ids.append(gpt2_encoding().eot_token)  # nanoGPT appends (not prepends) eot: 50256
     return {"ids": ids, "len": len(ids)}
 
 
@@ -168,7 +173,7 @@ def prepare_openwebtext(
         finally:
             tmp.unlink(missing_ok=True)
         counts[split] = int(arr_len)
-    return _summary(out, counts["train"], counts["val"], _gpt2().n_vocab)
+    return _summary(out, counts["train"], counts["val"], gpt2_encoding().n_vocab)
 
 
 def read_text(path: PathLike) -> str:

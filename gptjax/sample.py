@@ -48,21 +48,22 @@ class Tokenizer:
     def __init__(self, meta: dict | None):
         self.meta = meta
         if meta is None:
-            import tiktoken
+            from gptjax.prepare import gpt2_encoding
 
-            self.bpe = tiktoken.get_encoding("gpt2")
+            self.bpe = gpt2_encoding()
             self.vocab_size = self.bpe.n_vocab
         else:
             self.vocab_size = meta["vocab_size"]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, where: str = "--start") -> list[int]:
+        """Token ids of `text`; `where` names the text in the error for a character out of the vocabulary."""
         if self.meta is None:
             return self.bpe.encode(text, allowed_special={"<|endoftext|>"})
         stoi = self.meta["stoi"]
         for ch in text:
             if ch not in stoi:
                 raise ValueError(f"character {ch!r} (U+{ord(ch):04X}) is not in the model's "
-                                 f"{self.vocab_size}-character vocabulary: remove it from --start")
+                                 f"{self.vocab_size}-character vocabulary: remove it from {where}")
         return [stoi[ch] for ch in text]
 
     def stream_decoder(self):

@@ -56,6 +56,7 @@ class Run:
     best_val_loss: float = float("inf")
     started_from: str = ""  # the weights of iter 0 or of the resumed checkpoint, for the log
     lock: OutDirLock | None = None  # held by the process that writes out_dir
+    tasks: Any = None  # harness.TrainingTasks of eval_tasks: params, step -> {task/metric: value}
 
     def close(self, wait_for_saves: bool = True) -> None:
         """Finish (or, wait_for_saves=False, abandon) the save in flight and let out_dir go."""
@@ -219,6 +220,11 @@ def _setup(cfg: TrainConfig, mesh, lock: OutDirLock | None) -> Run:
         state, _ = checkpointer.restore(jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
         best_val = resume_meta["best_val_loss"]
+    tasks = None
+    if cfg.task_names:
+        from gptjax import harness  # lm-eval: only for runs that evaluate tasks
+
+        tasks = harness.TrainingTasks(cfg, model_cfg, meta)
     kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
     train_step, eval_step = jit_steps(model_cfg, kernels, optimizer, lr_schedule(cfg), shardings, mesh)
     if jax.process_index() == 0 and not cfg.eval_only:  # an evaluation leaves out_dir as it was
@@ -227,7 +233,7 @@ def _setup(cfg: TrainConfig, mesh, lock: OutDirLock | None) -> Run:
         if meta is not None:  # the run's own vocabulary, for sampling after data/ is prepared again
             prepare.write_file(Path(cfg.out_dir) / "meta.pkl", pickle.dumps(meta))
     return Run(cfg, model_cfg, kernels, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val,
-               started_from, lock)
+               started_from, lock, tasks)
 
 
 def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -235,6 +241,11 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     Returns the last metrics (loss, val_loss, iter, ...)."""
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:  # before minutes of set-up, not after
         raise ImportError("wandb_log=True needs wandb: pip install wandb")
+    if cfg.task_names and importlib.util.find_spec("lm_eval") is None:
+        raise ImportError(f"eval_tasks={cfg.eval_tasks!r} needs lm-evaluation-harness: pip install 'gptjax[eval]'")
+    if cfg.task_names and jax.process_count() > 1:
+        raise ValueError("eval_tasks runs in single-process runs only: evaluate a multi-host run's checkpoints "
+                         "with python -m gptjax.eval --out_dir=OUT_DIR --tasks=...")
     run = setup(cfg)
     stop = stop or StopRequest()
     start = int(jax.device_get(run.state.step))
@@ -312,7 +323,11 @@ def _evaluate(run: Run, it: int, log: MetricsLogger) -> dict[str, Any]:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if it > 0 and not run.cfg.eval_only:
             run.save(it)
-    return {"train_loss": losses["train"], "val_loss": losses["val"]}
+    out = {"train_loss": losses["train"], "val_loss": losses["val"]}
+    if run.tasks is not None:  # while the checkpoint saves in the background
+        out.update(task_metrics := run.tasks(run.state.params, it))
+        log.tasks(it, task_metrics)
+    return out
 
 
 def _log_step(run: Run, log: MetricsLogger, it: int, metrics) -> dict[str, Any]:

@@ -312,14 +312,14 @@ class _FakeSplits(dict):
 
 
 def test_openwebtext_is_nanogpts_token_stream_and_never_half_written(tmp_path, monkeypatch):
-    from gptjax.prepare import _gpt2
+    from gptjax.prepare import gpt2_encoding
 
     docs = [f"document {i}: " + "to be or not to be " * (i % 7 + 1) for i in range(2000)]
     fake = types.ModuleType("datasets")
     fake.load_dataset = lambda name, num_proc: {"train": _FakeSplit([{"text": d} for d in docs])}
     monkeypatch.setitem(sys.modules, "datasets", fake)
     summary = prepare.prepare_openwebtext(tmp_path / "owt", num_proc=1)
-    bpe = _gpt2()
+    bpe = gpt2_encoding()
     stream = lambda texts: np.array([t for d in texts for t in bpe.encode_ordinary(d) + [bpe.eot_token]], np.uint16)
     assert np.array_equal(np.fromfile(tmp_path / "owt" / "val.bin", np.uint16), stream(docs[:2]))
     assert np.array_equal(np.fromfile(tmp_path / "owt" / "train.bin", np.uint16), stream(docs[2:]))
