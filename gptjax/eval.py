@@ -16,6 +16,7 @@ import importlib.util
 import sys
 from typing import Sequence
 
+from gptjax import perf
 from gptjax.config import DTYPES, auto_dtype
 
 INSTALL = "pip install 'gptjax[eval]' (lm-eval)"
@@ -82,4 +83,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    perf.enable_compilation_cache()
     sys.exit(main())

@@ -1,9 +1,12 @@
-"""Device peak FLOP/s for MFU: a table for known accelerators, a measured matmul rate on CPU."""
+"""Device peak FLOP/s for MFU (a table for known accelerators, a measured matmul rate on CPU), and
+the persistent compilation cache the command-line tools share."""
 
 from __future__ import annotations
 
 import functools
+import os
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -80,3 +83,24 @@ def mfu(flops_per_iter: float, seconds_per_iter: float, n_devices: int | None = 
         n_devices = 1  # the measured CPU peak already covers every core
     n_devices = n_devices or jax.device_count()
     return flops_per_iter / seconds_per_iter / (peak * n_devices)
+
+
+COMPILATION_CACHE_BYTES = 2 << 30  # least recently used executables beyond this are evicted
+
+
+def enable_compilation_cache() -> str | None:
+    """Keep compiled programs across runs in a persistent cache (JAX's own): a run of a model and
+    shapes compiled before starts without recompiling them. The directory is JAX_COMPILATION_CACHE_DIR
+    when set, else $XDG_CACHE_HOME/gptjax/jax (~/.cache/gptjax/jax); GPTJAX_COMPILATION_CACHE=0 turns
+    it off. Returns the directory (None: off)."""
+    if os.environ.get("GPTJAX_COMPILATION_CACHE", "1") == "0":
+        return None
+    if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, or a caller's own choice
+        return jax.config.jax_compilation_cache_dir
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    directory = root / "gptjax" / "jax"
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
+    # the evaluation and sampling loops compile in well under JAX's default threshold of 1 s
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return str(directory)

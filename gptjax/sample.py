@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from gptjax import kernels as kernels_lib
+from gptjax import perf
 from gptjax.config import DTYPES, auto_dtype
 from gptjax.generate import check_sampling, generate_stream
 
@@ -164,4 +165,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    perf.enable_compilation_cache()
     sys.exit(main())

@@ -22,7 +22,7 @@ from gptjax import config as config_lib
 from gptjax import cpu
 from gptjax import data as data_lib
 from gptjax import kernels as kernels_lib
-from gptjax import prepare
+from gptjax import perf, prepare
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, check_state_matches, model_meta, write_json
 from gptjax.config import TrainConfig
@@ -377,4 +377,5 @@ def main(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> int:
 
 
 if __name__ == "__main__":
+    perf.enable_compilation_cache()
     sys.exit(main(tune_cpu=True))

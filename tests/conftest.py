@@ -1,6 +1,8 @@
 """Test-wide settings: everything runs offline."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+# One compilation cache for the session's processes (the command-line tools keep one,
+# gptjax.perf.enable_compilation_cache), so the many small runs compile each program once, and
+# never the user's ~/.cache
+_JAX_CACHE = tempfile.mkdtemp(prefix="gptjax-tests-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 import pytest  # noqa: E402

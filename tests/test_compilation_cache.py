@@ -1,0 +1,48 @@
+"""The command-line tools keep compiled programs across runs (gptjax.perf.enable_compilation_cache)."""
+
+import os
+import subprocess
+import sys
+
+from gptjax import perf
+from test_train import ROOT, step_records
+
+
+def _train(out_dir, data_dir, env):
+    cmd = [sys.executable, "-m", "gptjax.train", "--dataset=shakespeare_char", f"--data_dir={data_dir}",
+           f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
+           "--gradient_accumulation_steps=1", "--max_iters=4", "--eval_interval=4", "--eval_iters=2",
+           "--warmup_iters=1", "--lr_decay_iters=4"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_second_run_reuses_the_first_runs_programs(char_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), GPTJAX_CPU_DEVICES="1")
+    _train(tmp_path / "first", char_data, env)
+    cache = tmp_path / "cache" / "gptjax" / "jax"
+    entries = {p.name: p.stat().st_mtime_ns for p in cache.glob("*-cache")}  # (the -atime files: LRU's)
+    assert any(name.startswith("jit_train_step-") for name in entries)
+    assert any(name.startswith("jit_eval_step-") for name in entries)
+    _train(tmp_path / "second", char_data, env)
+    # every program came from the cache: nothing compiled, nothing written, and the same numbers
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*-cache")} == entries
+    assert step_records(tmp_path / "second") == [
+        {**r, **{k: v for k, v in s.items() if k in ("dt_ms", "tokens_per_s", "mfu")}}
+        for r, s in zip(step_records(tmp_path / "first"), step_records(tmp_path / "second"))]
+    _train(tmp_path / "off", char_data, {**env, "GPTJAX_COMPILATION_CACHE": "0", "XDG_CACHE_HOME": str(tmp_path / "x")})
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_cache_directory_is_the_users_choice_first(monkeypatch, tmp_path):
+    import jax
+
+    saved = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+        assert perf.enable_compilation_cache() == str(tmp_path / "mine")
+        monkeypatch.setenv("GPTJAX_COMPILATION_CACHE", "0")
+        assert perf.enable_compilation_cache() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved)
