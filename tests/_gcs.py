@@ -7,6 +7,7 @@ connection a Python library opens to another address, in this process and in eve
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -78,7 +79,7 @@ class Emulator:
         monkeypatch.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
         sys.path.insert(0, str(GUARD))
         try:
-            import sitecustomize  # noqa: F401  (the guard: installs its audit hook on import)
+            importlib.import_module("sitecustomize")  # the guard: installs its audit hook on import
         finally:
             sys.path.remove(str(GUARD))
 
