@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -98,6 +99,9 @@ def check_writable(url: str) -> None:
     """Fail before training when the bucket cannot be written: write and delete a probe object, so
     missing credentials, a missing bucket or no network fail now, in one line, not at the first save."""
     probe = resolve(url) / f".gptjax-write-test-{uuid.uuid4().hex}"
+    gcsfs_log = logging.getLogger("gcsfs")
+    level = gcsfs_log.level
+    gcsfs_log.setLevel(logging.CRITICAL)  # it logs each failed request with a traceback; the error below says it
     try:
         probe.write_bytes(b"")
         probe.unlink()
@@ -106,6 +110,8 @@ def check_writable(url: str) -> None:
             f"cannot write to {url} ({type(err).__name__}: {_first_line(err)}): check that the bucket exists and "
             "that this machine's credentials may write to it (a TPU/GCE VM's service account, or "
             "`gcloud auth application-default login`)") from None
+    finally:
+        gcsfs_log.setLevel(level)
 
 
 def _first_line(err: BaseException) -> str:
