@@ -1,12 +1,13 @@
 """Checkpoints with orbax: the sharded train state plus a small JSON of run metadata.
 
-Layout: OUT_DIR/checkpoints/<step>/{state, meta}; OUT_DIR is a local directory or a gs:// URL. The state's parameters (and the optimizer's
-moments shaped like them) are always in GPT-2's per-layer layout, h_0 .. h_{L-1}, whether the run
-scans its layers or not, so any run can resume, sample or export any checkpoint. Orbax writes each step into a temporary
-directory and renames it only once complete (on a bucket, which has no rename, it writes the step
-in place and marks it complete with a last object, commit_success.txt), so a run killed mid-save
-leaves the previous checkpoints intact and `latest_step` never names a half-written one. Every host takes part in a
-save or restore and writes or reads its own shards.
+Layout: OUT_DIR/checkpoints/<step>/{state, meta}, OUT_DIR a local directory or a gs:// URL. The
+state's parameters (and the optimizer's moments shaped like them) are always in GPT-2's per-layer
+layout, h_0 .. h_{L-1}, whether the run scans its layers or not, so any run can resume, sample or
+export any checkpoint. Orbax writes each step into a temporary directory and renames it only once
+complete (on a bucket, which has no rename, it writes the step in place and marks it complete with
+a last object, commit_success.txt), so a run killed mid-save leaves the previous checkpoints intact
+and `latest_step` never names a half-written one. Every host takes part in a save or restore and
+writes or reads its own shards.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Why a hard exit is safe: orbax writes each checkpoint into `<step>.orbax-checkpo
 renames it to `<step>` only once every file is written, then deletes older steps. Dying at any
 moment (kill -9, os._exit) therefore leaves the previous complete checkpoint in place, and the
 leftover temporary directory is ignored by `latest_step` and replaced when that step is saved again.
+On a bucket, where a step is written in place, the step without orbax's commit_success.txt is that
+leftover.
 """
 
 from __future__ import annotations

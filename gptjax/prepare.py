@@ -256,6 +256,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepare(dataset: str, out_dir: str, inputs: list[str] | None, val_fraction: float = 0.1, num_proc: int = 8) -> dict:
     """Run the writer for `dataset`; returns its summary (token counts, vocab size)."""
+    if paths.is_url(out_dir):  # the writers memory-map and rename, which a bucket cannot do
+        raise ValueError(f"--out={out_dir}: prepare writes a local directory; prepare into DIR, then copy it "
+                         f"to the bucket with `gcloud storage cp DIR/* {str(out_dir).rstrip('/')}/`")
     if dataset in ("shakespeare_char", "shakespeare"):
         if inputs is not None and len(inputs) != 1:
             raise ValueError(f"{dataset} takes one --input (tiny-shakespeare's input.txt), got {len(inputs)}")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from _gcs import BUCKET, Emulator, free_port
-from gptjax import checkpoint, config, data, export, paths, plot, prepare, sample, train, weights
+from gptjax import checkpoint, config, crosscheck, data, export, paths, plot, prepare, sample, train, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -113,6 +113,14 @@ def test_unsupported_urls_are_refused_in_one_line(url, tmp_path, monkeypatch, ca
     assert list(tmp_path.iterdir()) == []  # no local directory named after the URL
 
 
+def test_prepare_refuses_a_bucket_and_says_how_to_copy(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main(["shakespeare_char", "--input", str(CORPUS), "--out", "gs://bucket/data"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gcloud storage cp DIR/* gs://bucket/data/" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_without_gcsfs_a_gs_url_says_what_to_install(monkeypatch):
     real = paths.importlib.util.find_spec
     monkeypatch.setattr(paths.importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a))
@@ -147,6 +155,26 @@ def test_gcsfs_and_tensorstore_write_to_the_emulator(here):
     paths.resolve(f"gs://{BUCKET}/probe/checkpoints/5/state/_METADATA").write_bytes(b"{}")
     assert checkpoint.complete_steps(checkpoint.checkpoint_dir(f"gs://{BUCKET}/probe")) == [3]
     assert checkpoint.Checkpointer(f"gs://{BUCKET}/probe").latest_step() == 3
+
+
+def test_bucket_data_is_copied_once_resumed_and_refreshed(here, capsys):
+    emulator, space = here
+    url, payload = f"gs://{BUCKET}/copy/train.bin", np.arange(300_000, dtype=np.uint16).tobytes()
+    paths.resolve(url).write_bytes(payload)
+    copy = paths.local_copy(url)
+    assert copy == space.dir / "cache" / "gcs" / BUCKET / "copy" / "train.bin" and copy.read_bytes() == payload
+    assert f"copying {url} (0.6 MiB) to {copy}" in capsys.readouterr().err
+    assert paths.local_copy(url) == copy and "copying" not in capsys.readouterr().err  # reused
+    part = copy.with_name("train.bin.part")  # a copy interrupted half-way
+    copy.rename(part)
+    with open(part, "r+b") as f:
+        f.truncate(len(payload) // 2)
+    assert paths.local_copy(url).read_bytes() == payload
+    assert "resuming at 0.3 MiB" in capsys.readouterr().err and not part.exists()
+    paths.resolve(url).write_bytes(payload[::-1])  # the object replaced: a new generation
+    assert paths.local_copy(url).read_bytes() == payload[::-1]
+    with pytest.raises(FileNotFoundError, match=f"gs://{BUCKET}/copy/val.bin not found"):
+        paths.local_copy(f"gs://{BUCKET}/copy/val.bin")
 
 
 def test_missing_bucket_fails_before_training(here, capsys, compilations_seen):
@@ -206,7 +234,9 @@ def test_killed_bucket_run_resumes_bitwise_and_is_sampled_exported_plotted(here,
     assert all(np.array_equal(bucket_params[k], local_params[k]) for k in local_params)
     run_objects = emulator.objects("run/")
     assert {"run/config.json", "run/meta.pkl", "run/metrics.jsonl"} <= set(run_objects)
-    assert not (space.dir / "bucket").exists() and not (space.dir / "gs:").exists()
+    named_after_urls = [p for p in space.dir.rglob("*")  # the children's working directory
+                        if "gs:" in p.name or (p.name == BUCKET and p.parent != space.dir / "cache" / "gcs")]
+    assert named_after_urls == []
     cached = space.dir / "cache" / "gcs" / BUCKET / "data" / "train.bin"  # one copy per host, reused
     assert cached.read_bytes() == (space.data / "train.bin").read_bytes()
     assert "copying gs://bucket/data/train.bin" in (space.dir / "bucket.log").read_text()
@@ -224,6 +254,7 @@ def test_killed_bucket_run_resumes_bitwise_and_is_sampled_exported_plotted(here,
     assert hf.kind == "hf" and np.array_equal(np.asarray(hf.params["wte"]["embedding"]),
                                               local_params["['wte']['embedding']"])
     assert export.main([RUN_URL, "--to=nanogpt", "nano"]) == 0 and Path("nano/ckpt.pt").is_file()
+    assert crosscheck.main([RUN_URL, "--seq", "8"]) == 0
     assert plot.main([RUN_URL]) == 0
     assert paths.resolve(f"{RUN_URL}/loss.png").read_bytes()[:4] == b"\x89PNG"
 
