@@ -29,7 +29,10 @@ from typing import Iterator
 
 SCHEMES = ("gs",)  # gs://bucket/path: Google Cloud Storage
 INSTALL = "pip install 'gptjax[gcs]' (gcsfs)"
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+# scheme:/... is a URL whatever the scheme; a bare colon only after a storage scheme (gs:bucket is a
+# typo, run:2 a local name)
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/|^(gs|gcs|s3|s3a|s3n|hdfs|az|abfs|abfss|wasb|http|https|ftp|file|hf):",
+                  re.IGNORECASE)
 _GS = re.compile(r"^gs://[a-z0-9][a-z0-9._-]*[a-z0-9](/|$)")
 CHUNK = 16 << 20  # bytes per ranged read of a download
 
@@ -37,7 +40,7 @@ CHUNK = 16 << 20  # bytes per ranged read of a download
 def is_url(path: str | os.PathLike) -> bool:
     """Whether `path` names a scheme (gs://, s3://, a typo like gs:/ or gs:bucket) rather than a file."""
     match = _URL.match(str(path))
-    return match is not None and len(match.group(1)) > 1  # one letter: a Windows drive, C:/...
+    return match is not None and len(match.group(1) or match.group(2)) > 1  # one letter: a Windows drive, C:/...
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -113,6 +113,12 @@ def test_unsupported_urls_are_refused_in_one_line(url, tmp_path, monkeypatch, ca
     assert list(tmp_path.iterdir()) == []  # no local directory named after the URL
 
 
+def test_local_names_with_a_colon_are_paths():
+    assert not any(paths.is_url(p) for p in ("run:2", "out/gs://x", "C:/runs", "./gs:/bucket"))
+    assert all(paths.is_url(p) for p in ("gs://b/r", "GS://b/r", "gs:b/r", "s3:b", "file:///tmp/x", "x-y://z"))
+    assert isinstance(paths.resolve("run:2"), Path) and paths.problem("run:2", "out_dir") is None
+
+
 def test_prepare_refuses_a_bucket_and_says_how_to_copy(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert prepare.main(["shakespeare_char", "--input", str(CORPUS), "--out", "gs://bucket/data"]) == 2
