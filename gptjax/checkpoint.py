@@ -1,11 +1,13 @@
 """Checkpoints with orbax: the sharded train state plus a small JSON of run metadata.
 
-Layout: OUT_DIR/checkpoints/<step>/{state, meta}. The state's parameters (and the optimizer's
-moments shaped like them) are always in GPT-2's per-layer layout, h_0 .. h_{L-1}, whether the run
-scans its layers or not, so any run can resume, sample or export any checkpoint. Orbax writes each step into a temporary
-directory and renames it only once complete, so a run killed mid-save leaves the previous
-checkpoints intact and `latest_step` never names a half-written one. Every host takes part in a
-save or restore and writes or reads its own shards.
+Layout: OUT_DIR/checkpoints/<step>/{state, meta}, OUT_DIR a local directory or a gs:// URL. The
+state's parameters (and the optimizer's moments shaped like them) are always in GPT-2's per-layer
+layout, h_0 .. h_{L-1}, whether the run scans its layers or not, so any run can resume, sample or
+export any checkpoint. Orbax writes each step into a temporary directory and renames it only once
+complete (on a bucket, which has no rename, it writes the step in place and marks it complete with
+a last object, commit_success.txt), so a run killed mid-save leaves the previous checkpoints intact
+and `latest_step` never names a half-written one. Every host takes part in a save or restore and
+writes or reads its own shards.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax import sharding
+from gptjax import paths, sharding
 from gptjax.faults import first_line
 from gptjax.model import RUN_SETTINGS, GPTConfig, to_gpt2_layout, to_scan_layout
 
 CHECKPOINT_SUBDIR = "checkpoints"
+COMMIT_FILE = "commit_success.txt"  # orbax's mark of a finished save on a bucket
 
 
-def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
-    return Path(out_dir).absolute() / CHECKPOINT_SUBDIR
+def checkpoint_dir(out_dir: str | os.PathLike):
+    """OUT_DIR/checkpoints: a pathlib.Path, or an epath.Path on a bucket (paths.resolve)."""
+    return paths.absolute(out_dir) / CHECKPOINT_SUBDIR
 
 
 class Checkpointer:
@@ -145,11 +149,15 @@ class Checkpointer:
 def complete_steps(directory: str | os.PathLike) -> list[int]:
     """Steps of the finished checkpoints in `directory`, oldest first. Orbax writes a step into
     `<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only when complete, so a bare number
-    is a finished checkpoint and anything else is an interrupted write, ignored."""
-    path = Path(directory)
+    is a finished checkpoint and anything else is an interrupted write, ignored. On a bucket a
+    step is finished once orbax's commit_success.txt is in it."""
+    path = paths.resolve(directory)
     if not path.is_dir():
         return []
-    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir())
+    steps = [p for p in path.iterdir() if p.name.isdigit() and p.is_dir()]
+    if not isinstance(path, Path):
+        steps = [p for p in steps if (p / COMMIT_FILE).exists()]
+    return sorted(int(p.name) for p in steps)
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
@@ -256,8 +264,6 @@ def _scanned(state) -> bool:
     return "h" in state.params
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically (temp file + rename) so a crash never leaves a truncated file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=lambda o: np.asarray(o).tolist()) + "\n")
-    os.replace(tmp, path)
+def write_json(path, payload: dict[str, Any]) -> None:
+    """Write so a crash never leaves a truncated file (paths.write_bytes)."""
+    paths.write_bytes(path, (json.dumps(payload, indent=2, default=lambda o: np.asarray(o).tolist()) + "\n").encode())

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import jax
 
-from gptjax import kernels
+from gptjax import kernels, paths
 from gptjax.kernels import cuda_major
 from gptjax.model import RUN_SETTINGS, GPTConfig
 
@@ -134,9 +134,9 @@ class TrainConfig(GPTConfig):
                 errors.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")
         if not self.out_dir.strip():
             errors.append("out_dir is empty: pass --out_dir=DIR, the directory the run writes")
-        if "://" in self.out_dir:
-            errors.append(f"out_dir={self.out_dir!r} is a URL, and cloud storage is not supported yet: use a "
-                          "local directory, or one every host shares (NFS, Filestore)")
+        for name in ("out_dir", "data_dir", "init_from"):
+            if (why := paths.problem(getattr(self, name), name)) is not None:
+                errors.append(why)
         for name in ("dp", "fsdp"):
             if getattr(self, name) == 0 or getattr(self, name) < -1:
                 errors.append(f"{name}={getattr(self, name)} must be a positive mesh size or -1")

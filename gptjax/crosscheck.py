@@ -16,14 +16,13 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptjax import kernels as kernels_lib
-from gptjax import convert, weights
+from gptjax import convert, paths, weights
 from gptjax.model import GPT, GPTConfig
 
 
@@ -138,9 +137,11 @@ def load_both(path):
     """(torch model, params, cfg, format name) for a gptjax run, an HF directory or a nanoGPT
     ckpt.pt. A gptjax run is compared with nanoGPT's model, or with transformers' GPT-2 when it
     computes GELU with tanh or another LayerNorm eps (as HF-initialised runs do)."""
-    p = Path(path)
+    p = paths.resolve(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
+    if paths.is_remote(p) and not weights.is_run_dir(p):
+        p = paths.local_tree(str(p))  # torch and transformers read local files
     if p.is_dir() and weights.is_run_dir(p):
         w = weights.load(p, need_vocabulary=False)
         if options := w.cfg.not_gpt2():

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from gptjax import paths
 from gptjax.prepare import SPLITS, PathLike, prepare_command
 
 class _MetaUnpickler(pickle.Unpickler):
@@ -35,10 +36,10 @@ class _MetaUnpickler(pickle.Unpickler):
 
 def load_meta(data_dir: PathLike) -> dict | None:
     """`data_dir/meta.pkl` (character vocabulary) loaded safely and checked, or None if absent."""
-    path = Path(data_dir) / "meta.pkl"
+    path = paths.resolve(data_dir) / "meta.pkl"
     if not path.is_file():
         return None
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         try:
             meta = _MetaUnpickler(f, path).load()
         except (pickle.UnpicklingError, EOFError) as e:
@@ -57,7 +58,9 @@ def load_meta(data_dir: PathLike) -> dict | None:
 
 
 class BinDataset:
-    """`train.bin` and `val.bin` of `data_dir`, memory-mapped read-only once.
+    """`train.bin` and `val.bin` of `data_dir`, memory-mapped read-only once. A gs:// data_dir is
+    copied to this host's disk first (paths.local_copy: once, checked, resumable) and the copy
+    mapped: random windows of a bucket object would each be a ranged request.
 
     nanoGPT re-creates its memmap every batch because pages it touched stay counted in the process's
     memory; those are clean, read-only page-cache pages the OS drops under pressure, so one map per
@@ -67,7 +70,7 @@ class BinDataset:
     def __init__(
         self, data_dir: PathLike, block_size: int, vocab_size: int | None = None, dataset: str | None = None
     ):
-        self.data_dir, self.block_size = Path(data_dir), block_size
+        self.data_dir, self.block_size = paths.resolve(data_dir), block_size
         name = dataset or self.data_dir.name
         self.splits: dict[str, np.memmap] = {}
         for split in SPLITS:
@@ -76,6 +79,8 @@ class BinDataset:
                 raise FileNotFoundError(
                     f"{path} not found: prepare the dataset with `{prepare_command(name, data_dir)}`"
                 )
+            if not isinstance(path, Path):
+                path = paths.local_copy(str(path), f"{split}.bin")
             size = path.stat().st_size
             if size == 0 or size % 2:
                 raise ValueError(

@@ -11,6 +11,7 @@ run's iter_num, best_val_loss and config (with `dataset`), and the optimizer as 
 beside it, and with `--nanogpt` also to PATH/data/<dataset>/meta.pkl, where nanoGPT's sample.py
 looks for it. `--to=hf` writes config.json, model.safetensors and a tokenizer (GPT-2's BPE files,
 or the character vocabulary as tokenizer.json plus meta.pkl). Nothing existing is overwritten.
+SOURCE and DEST may be gs:// URLs; a bucket DEST is written from a local staging directory.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gptjax import convert, data, prepare, weights
+from gptjax import convert, data, paths, prepare, weights
 
 GPT2_FILES = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"  # tiktoken's gpt2 source
 
@@ -32,8 +33,8 @@ def to_nanogpt(source, dest, nanogpt_dir=None, dataset: str | None = None,
                allow_numerics_change: bool = False) -> dict:
     """Write DEST/ckpt.pt (and meta.pkl) from `source`; returns what was written and how."""
     w = weights.load(source)
-    dest, ckpt_path = Path(dest), Path(dest) / "ckpt.pt"
-    _refuse_existing([ckpt_path])
+    final = paths.resolve(dest)
+    _refuse_existing([final / "ckpt.pt"])
     dataset = dataset or w.run.get("dataset")
     if w.meta is not None and not dataset:
         raise ValueError(f"{source} has a character vocabulary but names no dataset: pass --dataset=NAME "
@@ -51,14 +52,16 @@ def to_nanogpt(source, dest, nanogpt_dir=None, dataset: str | None = None,
             nanogpt_meta = None  # the clone has this vocabulary already: its file stays untouched
     optimizer, how = _nanogpt_optimizer(w)
     config = {**w.run, **({"dataset": dataset} if dataset else {})}
-    convert.save_nanogpt(w.params, w.cfg, ckpt_path, allow_numerics_change=allow_numerics_change, extra={
-        "iter_num": w.iter_num, "best_val_loss": w.best_val_loss, "config": config, "optimizer": optimizer})
-    written = [ckpt_path]
-    if w.meta is not None:
-        for path in filter(None, (dest / "meta.pkl", nanogpt_meta)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            prepare.write_file(path, pickle.dumps(w.meta))
-            written.append(path)
+    with paths.staged(dest) as local:  # torch.save writes a local file; a bucket gets it once complete
+        convert.save_nanogpt(w.params, w.cfg, local / "ckpt.pt", allow_numerics_change=allow_numerics_change,
+                             extra={"iter_num": w.iter_num, "best_val_loss": w.best_val_loss, "config": config,
+                                    "optimizer": optimizer})
+        written = [final / "ckpt.pt"]
+        if w.meta is not None:
+            for path in filter(None, (local / "meta.pkl", nanogpt_meta)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                prepare.write_file(path, pickle.dumps(w.meta))
+            written += [final / "meta.pkl"] + ([nanogpt_meta] if nanogpt_meta else [])
     return {"written": written, "optimizer": how, "source": w.describe(), "dataset": dataset}
 
 
@@ -93,8 +96,8 @@ def _adam_moments(w: weights.Weights):
 def to_hf(source, dest) -> dict:
     """Write an HF GPT-2 directory with its tokenizer at DEST from `source`."""
     w = weights.load(source)
-    dest = Path(dest)
-    _refuse_existing([dest / name for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.json")])
+    final = paths.resolve(dest)
+    _refuse_existing([final / name for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.json")])
     if w.meta is None:
         tokenizer, kind = _gpt2_tokenizer(w.cfg), "GPT-2 BPE"
     elif importlib.util.find_spec("tokenizers") is not None:
@@ -102,12 +105,13 @@ def to_hf(source, dest) -> dict:
     else:
         tokenizer, kind = {}, ("characters, in meta.pkl only: pip install tokenizers (it comes with transformers) "
                                "for an HF tokenizer")
-    convert.save_hf(w.params, w.cfg, dest)
-    for name, content in tokenizer.items():
-        (dest / name).write_bytes(content)
-    if w.meta is not None:
-        prepare.write_file(dest / "meta.pkl", pickle.dumps(w.meta))
-    return {"written": sorted(dest.iterdir()), "source": w.describe(), "tokenizer": kind}
+    with paths.staged(dest) as local:
+        convert.save_hf(w.params, w.cfg, local)
+        for name, content in tokenizer.items():
+            (local / name).write_bytes(content)
+        if w.meta is not None:
+            prepare.write_file(local / "meta.pkl", pickle.dumps(w.meta))
+    return {"written": sorted(final.iterdir(), key=str), "source": w.describe(), "tokenizer": kind}
 
 
 def _gpt2_tokenizer(cfg) -> dict[str, bytes]:
@@ -176,11 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                  else f"data/{done['dataset']} of the clone (copy {Path(args.dest) / 'meta.pkl'} there, or pass --nanogpt)")
         if any(path.name == "meta.pkl" for path in done["written"]):
             print(f"nanoGPT's sample.py reads the character vocabulary from {where}")
-        print(f"in nanoGPT: python sample.py --out_dir={Path(args.dest).absolute()}  "
-              f"(train.py: --init_from=resume --out_dir={Path(args.dest).absolute()})")
+        print(f"in nanoGPT: python sample.py --out_dir={paths.absolute(args.dest)}  "
+              f"(train.py: --init_from=resume --out_dir={paths.absolute(args.dest)})")
     else:
         print(f"tokenizer: {done['tokenizer']}")
-        print(f"transformers: GPT2LMHeadModel.from_pretrained({str(Path(args.dest).absolute())!r}), and "
+        print(f"transformers: GPT2LMHeadModel.from_pretrained({str(paths.absolute(args.dest))!r}), and "
               "AutoTokenizer's")
     return 0
 

@@ -5,6 +5,8 @@ Why a hard exit is safe: orbax writes each checkpoint into `<step>.orbax-checkpo
 renames it to `<step>` only once every file is written, then deletes older steps. Dying at any
 moment (kill -9, os._exit) therefore leaves the previous complete checkpoint in place, and the
 leftover temporary directory is ignored by `latest_step` and replaced when that step is saved again.
+On a bucket, where a step is written in place, the step without orbax's commit_success.txt is that
+leftover.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 from typing import NoReturn
+
+from gptjax import paths
 
 EXIT_INTERRUPTED = 130  # the shell's code for "killed by SIGINT"
 
@@ -95,19 +99,26 @@ class OutDirLock:
     file a killed run leaves behind is stale by construction and the next run simply takes it over;
     its text (pid, host, start time) names the holder when another run is refused. Readers (sample,
     export, plot, crosscheck) take no lock. Re-entrant within a process, which is one user (a notebook
-    that sets a run up again). On NFS, Linux emulates flock with POSIX locks through the lock daemon."""
+    that sets a run up again). On NFS, Linux emulates flock with POSIX locks through the lock daemon.
+    A gs:// out_dir is not locked: a bucket has no lock that its holder's death releases (a lock
+    object would outlive a kill -9 and refuse every resume until removed by hand), so one writer
+    per bucket path is the user's to keep (docs/reliability.md)."""
 
     NAME = ".gptjax-lock"
     _held: dict[str, list] = {}  # resolved path -> [fd, holders] of this process
 
     def __init__(self, out_dir: str | os.PathLike):
+        self._key: str | None = None
+        if paths.is_remote(out_dir):
+            self.path = None
+            return
         self.path = Path(out_dir).absolute() / self.NAME
         key = str(self.path.resolve())
         if key in self._held:
             self._held[key][1] += 1
         else:
             self._held[key] = [self._take(), 1]
-        self._key: str | None = key
+        self._key = key
 
     def _take(self) -> int:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -144,6 +155,9 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 
 def check_writable(out_dir: str | os.PathLike, min_free_bytes: int = 16 << 20) -> None:
     """Fail before training starts when out_dir cannot take a checkpoint."""
+    if paths.is_remote(out_dir):
+        paths.check_writable(str(out_dir))
+        return
     path = Path(out_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -157,7 +171,9 @@ def check_writable(out_dir: str | os.PathLike, min_free_bytes: int = 16 << 20) -
 
 def check_free_space(out_dir: str | os.PathLike, needed_bytes: int) -> None:
     """Fail before training when out_dir cannot hold one more checkpoint of `needed_bytes` (a new
-    checkpoint is written in full before the oldest one is deleted)."""
+    checkpoint is written in full before the oldest one is deleted). A bucket has no such limit."""
+    if paths.is_remote(out_dir):
+        return
     stat = os.statvfs(out_dir)
     free = stat.f_bavail * stat.f_frsize
     if free < needed_bytes:

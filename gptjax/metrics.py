@@ -12,6 +12,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from gptjax import paths
 from gptjax.config import TrainConfig
 from gptjax.perf import device_peak_flops, mfu
 
@@ -47,19 +48,24 @@ class MetricsLogger:
     def __init__(self, cfg: TrainConfig, start_iter: int, is_main: bool, flops_per_iter: float):
         self.cfg, self.is_main, self.flops_per_iter = cfg, is_main, flops_per_iter
         self.last_time = None
-        self.bar = self.file = self.wandb = self.tensorboard = None
+        self.bar = self.file = self.wandb = self.copy = self.tensorboard = self.events_copy = None
         if not is_main:
             return
         if not cfg.eval_only:  # an evaluation leaves out_dir as it was: its losses are printed only
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            self.path = Path(cfg.out_dir) / "metrics.jsonl"
-            self.file = open_for_appending(self.path)
+            out_dir = paths.resolve(cfg.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.path = out_dir / "metrics.jsonl"
+            # a bucket object takes no appends: they go to a local copy, uploaded at each eval and at close
+            self.copy = None if isinstance(self.path, Path) else paths.WorkingCopy(self.path)
+            self.file = open_for_appending(self.path if self.copy is None else self.copy.local)
             self.bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="it",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
             if cfg.tensorboard:  # TensorBoard's own numpy-only writer: no TensorFlow or PyTorch to import
                 from tensorboard.summary import Writer
 
-                self.tensorboard = Writer(str(Path(cfg.out_dir) / "tensorboard"))
+                events = out_dir / "tensorboard"  # on a bucket: a local copy, uploaded as metrics.jsonl is
+                self.events_copy = None if isinstance(events, Path) else paths.DirectoryCopy(events)
+                self.tensorboard = Writer(str(events if self.events_copy is None else self.events_copy.local))
         device_peak_flops()  # measure the CPU peak now, not in the middle of the timed loop
         if cfg.wandb_log:
             try:
@@ -121,6 +127,14 @@ class MetricsLogger:
             return
         self.info(f"step {it}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         self._write({"iter": it, "train_loss": train_loss, "val_loss": val_loss})
+        try:
+            if self.copy is not None:
+                self.copy.upload()
+            if self.events_copy is not None and self.tensorboard is not None:
+                self.tensorboard.flush()
+                self.events_copy.upload()
+        except OSError as err:
+            raise MetricsWriteError(f"{err} at iter {it}") from err
 
     def tasks(self, it: int, metrics: dict[str, float]) -> None:
         self.last_time = None  # nor is the tasks' time
@@ -132,9 +146,13 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.events_copy is not None:
+            self.events_copy.close()
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.copy is not None:
+            self.copy.close()
         if self.wandb is not None:
             self.wandb.finish()

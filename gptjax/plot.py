@@ -8,11 +8,14 @@ matplotlib is an optional extra: `pip install gptjax[plot]`.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from gptjax import paths
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,7 +25,7 @@ def read_metrics(out_dir: str | os.PathLike) -> tuple[dict[int, float], dict[int
 
     A resumed run appends the iterations after its checkpoint again; the later record of an
     iteration wins, so the curves show the run that produced the final checkpoint."""
-    path = Path(out_dir) / METRICS_FILE
+    path = paths.resolve(out_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"no {METRICS_FILE} in {out_dir}: train first with `python -m gptjax.train ... --out_dir={out_dir}`"
@@ -30,7 +33,7 @@ def read_metrics(out_dir: str | os.PathLike) -> tuple[dict[int, float], dict[int
     steps: dict[int, float] = {}
     evals: dict[int, tuple[float, float]] = {}
     torn = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -77,11 +80,12 @@ def _new_figure():
 
 
 def plot_metrics(out_dir: str | os.PathLike, out_path: str | os.PathLike | None = None) -> Path:
-    """Draw OUT_DIR/metrics.jsonl's loss curves into `out_path` (default OUT_DIR/loss.png)."""
+    """Draw OUT_DIR/metrics.jsonl's loss curves into `out_path` (default OUT_DIR/loss.png); either
+    may be a gs:// URL."""
     steps, evals = read_metrics(out_dir)
     fig = _new_figure()
     ax = fig.subplots()
-    out_path = Path(out_path) if out_path is not None else Path(out_dir) / "loss.png"
+    out_path = paths.resolve(out_path) if out_path is not None else paths.resolve(out_dir) / "loss.png"
     if steps:
         iters, losses = list(steps), list(steps.values())
         window = len(losses) // 50 * 2 + 1  # ~2% of the points: light smoothing
@@ -96,12 +100,15 @@ def plot_metrics(out_dir: str | os.PathLike, out_path: str | os.PathLike | None 
         ax.plot(iters, [v for _, v in evals.values()], "o-", color="tab:red", markersize=3, label="eval val")
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss")
-    ax.set_title(f"{Path(out_dir).resolve().name}: loss")
+    name = paths.resolve(out_dir).name if paths.is_remote(out_dir) else Path(out_dir).resolve().name
+    ax.set_title(f"{name}: loss")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
+    image = io.BytesIO()
+    fig.savefig(image, format=out_path.suffix[1:] or "png")
+    paths.write_bytes(out_path, image.getvalue())
     return out_path
 
 

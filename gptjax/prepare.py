@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from gptjax import paths
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SPLITS = {"train": 0, "val": 1}
 GPT2_EOT = 50256
@@ -212,11 +214,17 @@ def read_shakespeare(input_path: PathLike | None = None, out_dir: PathLike | Non
 def ensure_dataset(dataset: str, data_dir: PathLike, input_path: PathLike | None = None) -> dict | None:
     """Make sure `data_dir` holds train.bin and val.bin, preparing the Shakespeare datasets when
     missing. Returns the prepare summary if it wrote them, else None."""
-    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+    where = paths.resolve(data_dir)
+    if where.exists() and not where.is_dir():
         raise NotADirectoryError(f"data_dir {data_dir} is a file: pass the directory that holds train.bin and val.bin")
-    present = [s for s in SPLITS if (Path(data_dir) / f"{s}.bin").is_file()]
+    present = [s for s in SPLITS if (where / f"{s}.bin").is_file()]
     if len(present) == len(SPLITS):
         return None
+    if paths.is_remote(data_dir):  # prepared on a disk: the writers memory-map and rename
+        raise FileNotFoundError(
+            f"{data_dir} has no {' and '.join(f'{s}.bin' for s in SPLITS if s not in present)}: prepare the "
+            f"dataset on a local disk (`{prepare_command(dataset, 'DIR')}`), then copy it to the bucket with "
+            f"`gcloud storage cp DIR/* {str(data_dir).rstrip('/')}/`")
     if present:  # a damaged dataset: preparing again would overwrite the split that is there
         missing = [f"{s}.bin" for s in SPLITS if s not in present]
         raise FileNotFoundError(f"{data_dir} has {present[0]}.bin but no {', '.join(missing)}: the dataset is "
@@ -253,6 +261,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepare(dataset: str, out_dir: str, inputs: list[str] | None, val_fraction: float = 0.1, num_proc: int = 8) -> dict:
     """Run the writer for `dataset`; returns its summary (token counts, vocab size)."""
+    if paths.is_url(out_dir):  # the writers memory-map and rename, which a bucket cannot do
+        raise ValueError(f"--out={out_dir}: prepare writes a local directory; prepare into DIR, then copy it "
+                         f"to the bucket with `gcloud storage cp DIR/* {str(out_dir).rstrip('/')}/`")
     if dataset in ("shakespeare_char", "shakespeare"):
         if inputs is not None and len(inputs) != 1:
             raise ValueError(f"{dataset} takes one --input (tiny-shakespeare's input.txt), got {len(inputs)}")

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from gptjax import kernels as kernels_lib
-from gptjax import perf
+from gptjax import paths, perf
 from gptjax.config import DTYPES, auto_dtype
 from gptjax.generate import check_sampling, generate_stream
 
@@ -34,7 +34,7 @@ CHUNK = 32  # tokens per compiled call between prints
 def load_model(init_from: str, out_dir: str, dtype: str):
     """(params, GPTConfig with compute `dtype`, char-vocabulary meta dict or None for GPT-2 BPE):
     init_from 'resume' reads out_dir (a gptjax run, or nanoGPT's out_dir with its ckpt.pt)."""
-    if init_from == "resume" and not Path(out_dir).is_dir():
+    if init_from == "resume" and not paths.resolve(out_dir).is_dir():
         raise FileNotFoundError(f"out_dir {out_dir!r} does not exist: train first, or pass --out_dir "
                                 "or --init_from=gpt2 / a checkpoint path")
     from gptjax import weights

@@ -12,7 +12,6 @@ import importlib.util
 import math
 import pickle
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -22,7 +21,7 @@ from gptjax import config as config_lib
 from gptjax import cpu
 from gptjax import data as data_lib
 from gptjax import kernels as kernels_lib
-from gptjax import perf, prepare
+from gptjax import paths, perf, prepare
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, check_state_matches, model_meta, write_json
 from gptjax.config import TrainConfig
@@ -131,7 +130,7 @@ def _load_model_config(cfg: TrainConfig, meta: dict | None, checkpointer: Checkp
     if cfg.init_from == "resume":
         step = checkpointer.latest_step()
         if step is None:
-            nanogpt = Path(cfg.out_dir) / "ckpt.pt"
+            nanogpt = paths.resolve(cfg.out_dir) / "ckpt.pt"
             hint = (f", or start from the weights of nanoGPT's {nanogpt} with --init_from={nanogpt}"
                     if nanogpt.is_file() else "")
             raise FileNotFoundError(
@@ -151,7 +150,7 @@ def _load_model_config(cfg: TrainConfig, meta: dict | None, checkpointer: Checkp
         return _with_run_settings(GPTConfig.from_fields(saved["model"]), cfg), None, saved, f"checkpoint {source}"
     from gptjax import weights  # torch-free for HF safetensors and gptjax runs
 
-    if cfg.init_from not in PRESETS and not Path(cfg.init_from).exists():
+    if cfg.init_from not in PRESETS and not paths.resolve(cfg.init_from).exists():
         raise ValueError(f"init_from={cfg.init_from!r} is not 'scratch', 'resume', a GPT-2 name ({', '.join(PRESETS)}) "
                          "or an existing path (a gptjax out_dir, a Hugging Face directory, a nanoGPT ckpt.pt)")
     loaded = weights.load(cfg.init_from, need_vocabulary=False)
@@ -228,10 +227,11 @@ def _setup(cfg: TrainConfig, mesh, lock: OutDirLock | None) -> Run:
     kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
     train_step, eval_step = jit_steps(model_cfg, kernels, optimizer, lr_schedule(cfg), shardings, mesh)
     if jax.process_index() == 0 and not cfg.eval_only:  # an evaluation leaves out_dir as it was
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(cfg.out_dir) / "config.json", cfg.to_dict())
+        out_dir = paths.resolve(cfg.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", cfg.to_dict())
         if meta is not None:  # the run's own vocabulary, for sampling after data/ is prepared again
-            prepare.write_file(Path(cfg.out_dir) / "meta.pkl", pickle.dumps(meta))
+            paths.write_bytes(out_dir / "meta.pkl", pickle.dumps(meta))
     return Run(cfg, model_cfg, kernels, mesh, state, shardings, train_step, eval_step, dataset, checkpointer, best_val,
                started_from, lock, tasks)
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gptjax import convert, data
+from gptjax import convert, data, paths
 from gptjax.checkpoint import CHECKPOINT_SUBDIR
 from gptjax.model import PRESETS, GPTConfig
 
@@ -28,7 +28,7 @@ class Weights:
     cfg: GPTConfig
     meta: dict | None  # the character vocabulary (meta.pkl); None: GPT-2's BPE
     kind: str  # "gptjax" | "nanogpt" | "hf"
-    path: Path  # the run directory, the ckpt.pt file or the HF directory
+    path: Path  # the run directory (an epath.Path on a bucket), the ckpt.pt file or the HF directory
     run: dict = dataclasses.field(default_factory=dict)  # a gptjax run's config; a nanoGPT ckpt's 'config'
     iter_num: int = 0
     best_val_loss: float = float("inf")
@@ -60,7 +60,10 @@ def load(init_from: str | os.PathLike, dtype: str = "float32", need_vocabulary: 
     model computing in `dtype`. A model with fewer tokens than GPT-2's and no meta.pkl found is an
     error when its text is needed (need_vocabulary: sampling, export), else `meta` is None."""
     name = str(init_from)
-    path = Path(name)
+    path = paths.resolve(name)
+    if paths.is_remote(name) and not is_run_dir(path) and path.exists():
+        # nanoGPT's and HF's readers (torch, safetensors) take local files: read a copy
+        path = paths.local_tree(name)
     if path.is_file() or name.endswith(".pt"):
         return _nanogpt(path, dtype, need_vocabulary)
     if path.is_dir():

@@ -171,7 +171,7 @@ def test_trace_listener_sees_compilation(traced):
     (["--warmup_iters=100", "--lr_decay_iters=50"], "warmup_iters=100 is larger than lr_decay_iters=50"),
     (["--batch_size=0"], "batch_size=0 must be positive"),
     (["--dropout=1.0"], "dropout=1.0 must be in [0, 1)"),
-    (["--out_dir=gs://bucket/run"], "out_dir='gs://bucket/run' is a URL, and cloud storage is not supported yet"),
+    (["--out_dir=s3://bucket/run"], "out_dir='s3://bucket/run' is not a local path or a gs:// URL"),
     (["--dtype=half"], "dtype='half' must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
 ])
 def test_impossible_values_fail_in_one_line_before_compiling(args, message, traced, tmp_path, capsys):
