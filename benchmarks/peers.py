@@ -86,13 +86,13 @@ def nanogpt_cpu_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int 
             "val_loss_20": float(val), "ckpt": out_dir / "ckpt.pt"}
 
 
-def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, cache_home: Path | None = None) -> dict:
-    """`python -m gptjax.train CONFIG` timed as a process; cache_home: the XDG_CACHE_HOME of its
-    compilation cache (a fresh one makes the run compile everything, as a first run does)."""
+def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, cache_dir: Path | None = None) -> dict:
+    """`python -m gptjax.train CONFIG` timed as a process; cache_dir: its GPTJAX_CACHE_DIR, where
+    its compiled programs are kept (an empty one makes the run compile everything, as a first does)."""
     cmd = [sys.executable, "-m", "gptjax.train", config, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    if cache_home is not None:
-        env["XDG_CACHE_HOME"] = str(cache_home)
+    if cache_dir is not None:
+        env["GPTJAX_CACHE_DIR"] = str(cache_dir)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=ROOT, env=env)
     wall = time.perf_counter() - start

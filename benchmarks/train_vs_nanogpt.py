@@ -47,7 +47,7 @@ def main() -> None:
         work = Path(work)
         for k in range(args.rounds):
             runs = [lambda: nanogpt_cpu_recipe(args.nanogpt, data_dir, work / f"nanogpt-{k}"),
-                    lambda: gptjax_recipe("shakespeare_char_cpu", data_dir, work / f"gptjax-{k}", cache_home=work / "cache")]
+                    lambda: gptjax_recipe("shakespeare_char_cpu", data_dir, work / f"gptjax-{k}", cache_dir=work / "cache")]
             for run in runs if k % 2 else runs[::-1]:  # alternate which goes first
                 row = run()
                 row["round"] = k + 1

@@ -287,8 +287,10 @@ def format_table(rows: Sequence[Row]) -> str:
     by_impl: dict[str, Row] = {}
     for r in rows:
         by_impl.setdefault(r.impl, r)  # the first gptjax row is the CONFIG as given, before --vs rows
-    for other in ("torch", "torch-compile", "torch-sample-recompute", "gptjax-sample-recompute"):
-        mine = "gptjax-sample-cache" if "sample" in other else "gptjax"
+    for other in ("torch", "torch-compile", "torch-sample-recompute", "gptjax-sample-recompute", "hf-generate",
+                  "hf-generate-b8"):
+        mine = ("gptjax-sample-cache" + other[len("hf-generate"):] if other.startswith("hf-generate")
+                else "gptjax-sample-cache" if "sample" in other else "gptjax")
         if other in by_impl and mine in by_impl:
             ratio = by_impl[mine].tokens_per_s / by_impl[other].tokens_per_s
             lines.append(f"{mine} / {other}: {ratio:.2f}x tokens/s")

@@ -124,8 +124,11 @@ def _first_line(err: BaseException) -> str:
 
 
 def cache_root() -> Path:
-    """Where copies of bucket data are kept on this host: $GPTJAX_CACHE_DIR, else ~/.cache/gptjax."""
-    return Path(os.environ.get("GPTJAX_CACHE_DIR") or Path.home() / ".cache" / "gptjax")
+    """gptjax's cache on this host (copies of bucket data, compiled programs): $GPTJAX_CACHE_DIR,
+    else $XDG_CACHE_HOME/gptjax, else ~/.cache/gptjax."""
+    if os.environ.get("GPTJAX_CACHE_DIR"):
+        return Path(os.environ["GPTJAX_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptjax"
 
 
 def local_copy(url: str, what: str = "file") -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -91,14 +90,15 @@ COMPILATION_CACHE_BYTES = 2 << 30  # least recently used executables beyond this
 def enable_compilation_cache() -> str | None:
     """Keep compiled programs across runs in a persistent cache (JAX's own): a run of a model and
     shapes compiled before starts without recompiling them. The directory is JAX_COMPILATION_CACHE_DIR
-    when set, else $XDG_CACHE_HOME/gptjax/jax (~/.cache/gptjax/jax); GPTJAX_COMPILATION_CACHE=0 turns
-    it off. Returns the directory (None: off)."""
+    when set, else jax/ in gptjax's cache (`paths.cache_root()`: ~/.cache/gptjax by default);
+    GPTJAX_COMPILATION_CACHE=0 turns it off. Returns the directory (None: off)."""
+    from gptjax.paths import cache_root
+
     if os.environ.get("GPTJAX_COMPILATION_CACHE", "1") == "0":
         return None
     if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, or a caller's own choice
         return jax.config.jax_compilation_cache_dir
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    directory = root / "gptjax" / "jax"
+    directory = cache_root() / "jax"
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     # the evaluation and sampling loops compile in well under JAX's default threshold of 1 s

@@ -1,6 +1,7 @@
 """Sampling speed, for `python -m gptjax.bench --sample=N`: gptjax's KV-cache `generate` against
 full recomputation, nanoGPT's algorithm, both in gptjax (`generate_recompute`, also the reference
-the KV cache is tested against) and in PyTorch (nanoGPT's own `generate`)."""
+the KV cache is tested against) and in PyTorch (nanoGPT's own `generate`), and against
+transformers' `generate` with its KV cache, at batch 1 and 8."""
 
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ def generate_recompute(
 
 def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
                        temperature: float = 0.8, top_k: int | None = 200, bucket: int = 16,
-                       progress: Callable[[str], None] | None = None) -> dict:
-    """Tokens/s of `generate` (KV cache) and `generate_recompute` (nanoGPT) after compiling both
-    (compile seconds reported apart). params=None: random weights (speed does not depend on them).
-    progress: called with a line naming each phase, which also turns on progress bars."""
+                       progress: Callable[[str], None] | None = None, recompute: bool = True) -> dict:
+    """Tokens/s of `generate` (KV cache) and, with `recompute`, `generate_recompute` (nanoGPT)
+    after compiling both (compile seconds reported apart). params=None: random weights (speed does
+    not depend on them). progress: called with a line naming each phase, which also turns on
+    progress bars."""
     say = progress or (lambda message: None)
     params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
     kernels = kernels_lib.for_inference(cfg)
@@ -69,10 +71,18 @@ def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int,
     key = jax.random.PRNGKey(2)
     kw = dict(temperature=temperature, top_k=top_k)
 
-    say(f"sampling {new_tokens} tokens: compiling gptjax's KV-cache loop and nanoGPT's recomputation")
+    say(f"sampling {new_tokens} tokens at batch {batch}: compiling gptjax's KV-cache loop")
     t0 = time.perf_counter()  # compile: the cached loop, run for one token
     next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=1, kernels=kernels, **kw))
     cache_compile_s = time.perf_counter() - t0
+    say(f"sampling {new_tokens} tokens at batch {batch}: gptjax KV cache (one compiled loop)")
+    t0 = time.perf_counter()
+    jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw))
+    cache_s = time.perf_counter() - t0
+    n = batch * new_tokens
+    result = dict(cache_tokens_per_s=n / cache_s, cache_s=cache_s, cache_compile_s=cache_compile_s)
+    if not recompute:
+        return result
     t0 = time.perf_counter()  # the reference: once per context width it will meet
     _, _, sampling = _check(cfg, prompt_BxT, new_tokens, temperature, top_k, None, None, None)
     prompt_len = min(prompt_len, cfg.block_size)
@@ -82,26 +92,35 @@ def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int,
         ctx_BxW = np.zeros((batch, W), np.int32)
         jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, model=model))
     recompute_compile_s = time.perf_counter() - t0
-
-    say(f"sampling {new_tokens} tokens: gptjax KV cache (one compiled loop)")
-    t0 = time.perf_counter()
-    jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw))
-    cache_s = time.perf_counter() - t0
     say(f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)")
     t0 = time.perf_counter()
     generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress is not None,
                        kernels=kernels, **kw)
     recompute_s = time.perf_counter() - t0
-    n = batch * new_tokens
-    return dict(
-        cache_tokens_per_s=n / cache_s,
-        recompute_tokens_per_s=n / recompute_s,
-        speedup=recompute_s / cache_s,
-        cache_s=cache_s,
-        recompute_s=recompute_s,
-        cache_compile_s=cache_compile_s,
-        recompute_compile_s=recompute_compile_s,
-    )
+    return {**result, "recompute_tokens_per_s": n / recompute_s, "speedup": recompute_s / cache_s,
+            "recompute_s": recompute_s, "recompute_compile_s": recompute_compile_s}
+
+
+def hf_generate(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float = 0.8, top_k: int = 200) -> dict:
+    """Tokens/s of transformers' GPT2LMHeadModel.generate with its KV cache (PyTorch, CPU threads as
+    it sets them), on a random model of cfg's size, sampling as gptjax's rows do."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                     n_positions=cfg.block_size, vocab_size=cfg.vocab_size, activation_function="gelu_new")
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    idx = torch.zeros((batch, 1), dtype=torch.long)
+    kw = dict(do_sample=True, temperature=temperature, top_k=top_k, use_cache=True, pad_token_id=0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(idx, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        dt = time.perf_counter() - t0
+    assert out.shape == (batch, new_tokens + 1), out.shape
+    return dict(tokens_per_s=batch * new_tokens / dt, warm_s=warm_s)
 
 
 def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool) -> list[Row]:
@@ -117,6 +136,16 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
     ]
     if compare_torch:
         from gptjax import torch_ref
+
+        batched = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=8, progress=say,
+                                     recompute=False)
+        rows.append(Row("gptjax-sample-cache-b8", name, 1e3 / batched["cache_tokens_per_s"],
+                        batched["cache_tokens_per_s"], float("nan"), batched["cache_compile_s"]))
+        for batch in (1, 8):
+            say(f"sampling {new_tokens} tokens at batch {batch}: transformers' generate with its KV cache")
+            hf = hf_generate(model_cfg, batch, new_tokens)
+            rows.append(Row("hf-generate" + ("-b8" if batch == 8 else ""), name, 1e3 / hf["tokens_per_s"],
+                            hf["tokens_per_s"], float("nan"), hf["warm_s"]))
 
         device = torch_device()
         torch, autocast = _torch_setup(cfg, device)

@@ -42,16 +42,19 @@ def test_bench_sampling_rows_alone_against_torch(tmp_path, capsys):
     rows = bench.run(TINY + ["--steps=0", "--sample=12", "--compare=torch", "--name=tiny", f"--json={out}"])
     payload = json.loads(out.read_text())["rows"]
     assert [r["impl"] for r in payload] == [r.impl for r in rows] == [
-        "gptjax-sample-cache", "gptjax-sample-recompute", "torch-sample-recompute"]
+        "gptjax-sample-cache", "gptjax-sample-recompute", "gptjax-sample-cache-b8", "hf-generate", "hf-generate-b8",
+        "torch-sample-recompute"]
     for row in payload:
         # tokens/s of generated tokens; ms/iter is the time per generated token
         assert row["tokens_per_s"] > 0 and row["tokens_per_s"] == pytest.approx(1e3 / row["ms_per_iter"], rel=1e-6)
     printed, progress = capsys.readouterr()
     assert "gptjax-sample-cache / torch-sample-recompute:" in printed
     assert "gptjax-sample-cache / gptjax-sample-recompute:" in printed
+    assert "gptjax-sample-cache / hf-generate:" in printed and "gptjax-sample-cache-b8 / hf-generate-b8:" in printed
     # each phase is named on stderr, and the token-by-token loops show a progress bar
-    for phase in ("gptjax KV cache", "gptjax full recomputation", "PyTorch (nanoGPT's generate"):
-        assert f"sampling 12 tokens: {phase}" in progress
+    for phase in (" at batch 1: gptjax KV cache", " at batch 8: gptjax KV cache", ": gptjax full recomputation",
+                  ": PyTorch (nanoGPT's generate", " at batch 8: transformers' generate with its KV cache"):
+        assert f"sampling 12 tokens{phase}" in progress
     assert "12/12" in progress and "torch recompute" in progress
 
 
@@ -66,6 +69,7 @@ def test_bench_rejects_counts_that_time_nothing(capsys, flags, problem):
     assert problem in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_times_variants_in_the_same_rounds(capsys):
     rows = bench.run(TINY + ["--steps=1", "--rounds=2", "--name=tiny", "--vs=--attention=plain",
                              "--vs=--remat=full --dtype=bfloat16"])

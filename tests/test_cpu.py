@@ -180,6 +180,7 @@ class _DropoutAttention(nn.Module):
         return cpu.blocked_causal_attention(q, k, v, self.n_blocks, nn.Dropout(0.5), deterministic=False)
 
 
+@pytest.mark.slow
 def test_dropout_in_blocks_is_keyed_and_keeps_the_expectation():
     """Attention dropout inside the blocks: reproducible per key, new masks per key, every block
     dropped independently, and an unbiased estimate of the attention without dropout."""

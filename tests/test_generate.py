@@ -265,6 +265,7 @@ def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket):
         np.testing.assert_array_equal(out[i], alone[0])
 
 
+@pytest.mark.slow
 def test_remat_scanned_and_cpu_kernel_models_sample_as_the_plain_one(tiny_params):
     """A rematerialised (training-only: ignored on the cache), scanned (its cache stacked too) or
     CPU-kernel model samples the plain model's greedy tokens; a cached forward refuses dropout."""

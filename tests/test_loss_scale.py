@@ -132,6 +132,7 @@ print(json.dumps({"devices": run.mesh.devices.size, "metrics": out}))
 """
 
 
+@pytest.mark.slow
 def test_float16_data_parallel_over_two_devices_matches_one(data_dir, tmp_path):
     """The flat all-reduce path (2 CPU devices, no dropout) takes the loss scale as one device does
     (both run the scaled backward through `_accumulated_grads`, tested above): the same scale, and

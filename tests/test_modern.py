@@ -270,6 +270,7 @@ def test_training_steps_match_pytorch(data_dir, tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_modern_run_resumes_bitwise_and_samples(data_dir, tmp_path):
     """A scanned Muon run stopped at 10 and resumed logs the losses of one run to 20 bitwise (the
     optimizer's state is in the checkpoint), and gptjax.sample reads it."""
@@ -339,6 +340,7 @@ print(kernel.sharding.shard_shape(kernel.shape)[0], outs[0]["h"]["block"]["mlp"]
 """
 
 
+@pytest.mark.slow
 def test_muon_shares_the_layers_out_over_the_devices(tmp_path):
     """With the run's mesh, each of 2 devices orthogonalises half of a scanned model's layers: the
     same updates as without."""

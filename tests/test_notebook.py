@@ -159,6 +159,7 @@ def test_notebook_pretrained_section_matches_transformers(executed):
     assert sample.startswith("To be, or not to be,") and len(sample.strip()) > len("To be, or not to be,")
 
 
+@pytest.mark.slow
 def test_notebook_runs_the_modern_recipe(tmp_path, corpus):
     """The modern recipe's model trains, checkpoints and samples in the notebook; its export to
     GPT-2's format is skipped with the reason."""

@@ -54,6 +54,7 @@ def test_variant_matches_plain_model_loss_and_grads(variant, params, tokens):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_scan_with_dropout_is_deterministic_per_key_and_differs_across_layers(params, tokens):
     cfg = dataclasses.replace(CFG, scan_layers=True, dropout=0.5)
     p = to_scan_layout(params, CFG.n_layer)
@@ -76,6 +77,7 @@ def test_weight_decay_mask_ignores_the_layer_axis(params):
     assert stacked["wte"]["embedding"] is True and stacked["ln_f"]["bias"] is False
 
 
+@pytest.mark.slow
 def test_optimizer_update_is_the_same_with_scan(params, tokens):
     """One AdamW step (with weight decay and clipping) lands on the same parameters."""
     opt = make_optimizer(TrainConfig(learning_rate=1e-2, warmup_iters=0, weight_decay=0.1))

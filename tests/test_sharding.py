@@ -237,6 +237,7 @@ def test_sharded_training_with_accumulation_matches_one_device(data_dir, tmp_pat
     assert results[1]["1x1x2"]["all_reduce_shapes"] == []
 
 
+@pytest.mark.slow
 def test_xla_data_parallel_reduction_matches_one_device(data_dir, tmp_path):
     """The GPU/TPU default for pure data parallelism: XLA's own gradient reductions (one all-reduce
     operand per parameter, which the partitioner may overlap with the backward pass) over 8 devices
@@ -249,6 +250,7 @@ def test_xla_data_parallel_reduction_matches_one_device(data_dir, tmp_path):
     assert f"f32[{n_values}]{{0}}" not in results[8]["8x1x2"]["all_reduce_shapes"]  # not the flat buffer
 
 
+@pytest.mark.slow
 def test_query_block_attention_on_a_partitioned_mesh_matches_one_device(data_dir, tmp_path):
     """At block_size 64 the CPU attention runs in 2 query blocks (gptjax.attention): on global
     arrays split over a 2x4 mesh, where the partitioner sees the blocks' slices and concatenation,

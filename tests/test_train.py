@@ -460,6 +460,7 @@ def test_bfloat16_trains_with_float32_state(dropout_run, data_dir, tmp_path):
 # ----------------------------------------------------------------------------- layouts and streams
 
 
+@pytest.mark.slow
 def test_scanned_run_checkpoints_gpt2_layout_and_resumes_either_way(data_dir, tmp_path):
     """scan_layers trains on stacked layers but saves GPT-2's per-layer layout: a scanned run
     resumes bitwise from its own checkpoint, a per-layer run resumes from it too, and sampling
