@@ -38,3 +38,19 @@ def char_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("shakespeare_char")
     prepare_shakespeare_char(corpus.read_text(encoding="utf-8")[:50_000], out)
     return out
+
+
+@pytest.fixture
+def compilations():
+    """XLA compilations seen while the test runs: bad input must be refused before any."""
+    import jax.monitoring
+
+    seen = []
+
+    def listener(name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            seen.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield seen
+    jax.monitoring.unregister_event_duration_listener(listener)

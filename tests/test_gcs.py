@@ -183,29 +183,16 @@ def test_bucket_data_is_copied_once_resumed_and_refreshed(here, capsys):
         paths.local_copy(f"gs://{BUCKET}/copy/val.bin")
 
 
-def test_missing_bucket_fails_before_training(here, capsys, compilations_seen):
+def test_missing_bucket_fails_before_training(here, capsys, compilations):
     _, space = here
     rc = train.main(_args("gs://no-such-bucket/run", str(space.data)))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "cannot write to gs://no-such-bucket/run" in lines[0] and "credentials" in lines[0]
-    assert compilations_seen == []
+    assert compilations == []
 
 
-@pytest.fixture
-def compilations_seen():
-    import jax.monitoring
-
-    seen = []
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            seen.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_killed_bucket_run_resumes_bitwise_and_is_sampled_exported_plotted(here, capsys):

@@ -167,6 +167,12 @@ def test_generate_until_honours_until_and_max_gen_toks(gptjax_lm, hf_lm):
     for text, whole, stop in zip(cut, free, stops):
         assert stop not in text and whole.startswith(text) and len(text) < len(whole)
     assert cut == hf.generate_until(requests)
+    # sampled: reproducible for a seed, and not the greedy text
+    sampled = [Instance("generate_until", {}, (c, {"until": [], "max_gen_toks": 10, "do_sample": True,
+                                                   "temperature": 1.5}), i) for i, c in enumerate(contexts)]
+    draws = [harness.GPTJaxLM(ours.params, ours.cfg, None, batch_size=BATCH, seed=seed).generate_until(sampled)
+             for seed in (7, 7, 8)]
+    assert draws[0] == draws[1] != draws[2] and draws[0] != free
 
 
 def test_rolling_windows_cover_a_long_document_once(gptjax_lm):

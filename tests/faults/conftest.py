@@ -61,20 +61,3 @@ def reference(space):
     assert child.proc.returncode == 0, child.output()[-3000:]
     assert complete(out) == list(range(1, M + 1))
     return SimpleNamespace(out=out, final=params(out))
-
-
-
-@pytest.fixture
-def compilations():
-    """XLA compilations seen while the test runs: bad input must be refused before any."""
-    import jax.monitoring
-
-    seen = []
-
-    def listener(name, duration, **kwargs):
-        if name == "/jax/core/compile/backend_compile_duration":
-            seen.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    yield seen
-    jax.monitoring.unregister_event_duration_listener(listener)
