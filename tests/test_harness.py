@@ -152,6 +152,21 @@ def test_generations_and_metrics_equal_the_hf_backends(both):
     assert ours["configs"]["bpe_mc"]["num_fewshot"] == 1
 
 
+def test_lm_eval_finds_gptjax_by_name(hf_dir, both, tmp_path_factory):
+    """lm-eval's own entry, simple_evaluate(model="gptjax", model_args="init_from=..."), is the same model."""
+    import lm_eval
+
+    _, ours = both
+    tasks_dir = write_tasks(tmp_path_factory.mktemp("tasks_by_name"), words(random.Random(1)), "bpe")
+    results = lm_eval.simple_evaluate(model="gptjax", model_args=f"init_from={hf_dir}", batch_size=BATCH,
+                                      tasks=["bpe_mc"], num_fewshot=1, bootstrap_iters=0,
+                                      task_manager=harness.task_manager(["bpe_mc"], str(tasks_dir)))
+    assert results["results"]["bpe_mc"]["acc,none"] == ours["results"]["bpe_mc"]["acc,none"]
+    assert results["config"]["batch_size"] == BATCH
+    with pytest.raises(ValueError, match="gptjax model_args take init_from=PATH"):
+        harness.GPTJaxLM.create_from_arg_string(f"pretrained={hf_dir}")
+
+
 def test_generate_until_honours_until_and_max_gen_toks(gptjax_lm, hf_lm):
     """Stop strings taken from the model's own greedy text cut it there, as in the hf backend; with
     none, max_gen_toks tokens are generated; unequal contexts share a batch."""
