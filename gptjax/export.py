@@ -122,8 +122,7 @@ def _gpt2_tokenizer(cfg) -> dict[str, bytes]:
     try:
         vocab, merges = (tiktoken.load.read_file_cached(GPT2_FILES + name) for name in ("encoder.json", "vocab.bpe"))
     except Exception as err:  # requests' and blobfile's errors: no GPT-2 files without a network or cache
-        raise ConnectionError(f"could not read GPT-2's tokenizer files ({type(err).__name__}); when offline, set "
-                              "TIKTOKEN_CACHE_DIR to a tiktoken cache that holds them") from err
+        raise prepare.gpt2_files_missing(err) from err
     eot = "<|endoftext|>"
     config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eot, "eos_token": eot, "unk_token": eot,
               "model_max_length": cfg.block_size, "add_prefix_space": False}

@@ -197,6 +197,14 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def upload(local: Path, remote) -> None:
+    """Replace the bucket object `remote` with the local file's contents; OSError naming it on failure."""
+    try:
+        remote.write_bytes(local.read_bytes())
+    except Exception as err:  # gcsfs's HttpError, aiohttp's connection errors, ...
+        raise OSError(f"could not upload {remote} ({type(err).__name__}: {_first_line(err)})") from err
+
+
 class WorkingCopy:
     """A local file standing in for a bucket object that is appended to (metrics.jsonl): it starts
     as the object's contents, takes the appends, and `upload` replaces the object with it whole."""
@@ -210,10 +218,7 @@ class WorkingCopy:
             self.local.write_bytes(remote.read_bytes())
 
     def upload(self) -> None:
-        try:
-            self.remote.write_bytes(self.local.read_bytes())
-        except Exception as err:  # gcsfs's HttpError, aiohttp's connection errors, ...
-            raise OSError(f"could not upload {self.remote} ({type(err).__name__}: {_first_line(err)})") from err
+        upload(self.local, self.remote)
 
     def close(self) -> None:
         try:
@@ -236,11 +241,7 @@ class DirectoryCopy:
             size = file.stat().st_size
             if self._uploaded.get(file.name) == size:
                 continue
-            try:
-                (self.remote / file.name).write_bytes(file.read_bytes())
-            except Exception as err:  # gcsfs's HttpError, aiohttp's connection errors, ...
-                raise OSError(f"could not upload {self.remote / file.name} ({type(err).__name__}: "
-                              f"{_first_line(err)})") from err
+            upload(file, self.remote / file.name)
             self._uploaded[file.name] = size
 
     def close(self) -> None:

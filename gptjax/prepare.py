@@ -38,8 +38,13 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as err:  # requests' and blobfile's errors: no GPT-2 files without a network or cache
-        raise ConnectionError(f"could not read GPT-2's tokenizer files ({type(err).__name__}); when offline, set "
-                              "TIKTOKEN_CACHE_DIR to a tiktoken cache that holds them") from err
+        raise gpt2_files_missing(err) from err
+
+
+def gpt2_files_missing(err: BaseException) -> ConnectionError:
+    """The error for GPT-2's BPE files (tiktoken's download) not being reachable."""
+    return ConnectionError(f"could not read GPT-2's tokenizer files ({type(err).__name__}); when offline, set "
+                           "TIKTOKEN_CACHE_DIR to a tiktoken cache that holds them")
 
 
 def prepare_command(dataset: str, data_dir: PathLike) -> str:
