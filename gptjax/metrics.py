@@ -38,6 +38,17 @@ def open_for_appending(path: Path):
     return open(path, "ab", buffering=0)  # unbuffered: a failed write leaves nothing to flush at close
 
 
+def _scalars_event(record: dict[str, Any]):
+    """One TensorBoard event holding all of a record's scalars at its iter, in the summary's scalar
+    field, which TensorBoard reads as scalars: tensorboard.summary.Writer builds an event and a
+    tensor per scalar, host time that a logged step takes from the devices' cores on a CPU host."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    values = [Summary.Value(tag=name, simple_value=value) for name, value in record.items() if name != "iter"]
+    return Event(wall_time=time.time(), step=record["iter"], summary=Summary(value=values))
+
+
 class MetricsLogger:
     """Shows iteration, loss, lr, ms/iter, tokens/s, MFU and ETA; appends one JSON object per
     logged step (iter, loss, lr, grad_norm, loss_scale in float16 runs, dt_ms, tokens_per_s, mfu),
@@ -60,12 +71,12 @@ class MetricsLogger:
             self.file = open_for_appending(self.path if self.copy is None else self.copy.local)
             self.bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="train", unit="it",
                             dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
-            if cfg.tensorboard:  # TensorBoard's own numpy-only writer: no TensorFlow or PyTorch to import
-                from tensorboard.summary import Writer
+            if cfg.tensorboard:  # TensorBoard's own event writer: no TensorFlow or PyTorch to import
+                from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
                 events = out_dir / "tensorboard"  # on a bucket: a local copy, uploaded as metrics.jsonl is
                 self.events_copy = None if isinstance(events, Path) else paths.DirectoryCopy(events)
-                self.tensorboard = Writer(str(events if self.events_copy is None else self.events_copy.local))
+                self.tensorboard = EventFileWriter(str(events if self.events_copy is None else self.events_copy.local))
         device_peak_flops()  # measure the CPU peak now, not in the middle of the timed loop
         if cfg.wandb_log:
             try:
@@ -86,9 +97,7 @@ class MetricsLogger:
                                         f"({err.strerror or err}): free disk space") from err
         if self.tensorboard is not None:
             try:  # the writer's thread reports a failed write at the next call
-                for name, value in record.items():
-                    if name != "iter":
-                        self.tensorboard.add_scalar(name, value, step=record["iter"])
+                self.tensorboard.add_event(_scalars_event(record))
             except OSError as err:
                 self.tensorboard = None  # its thread has stopped: nothing is left to close
                 raise MetricsWriteError(f"could not write the TensorBoard events in {self.path.parent / 'tensorboard'} "

@@ -254,7 +254,8 @@ class DirectoryCopy:
 @contextlib.contextmanager
 def staged(dest) -> Iterator[Path]:
     """A directory to write `dest`'s files into: `dest` itself when local; on a bucket a temporary
-    directory whose files are uploaded to `dest` once the block succeeds."""
+    directory whose files are uploaded to `dest` once the block succeeds (OSError naming the object
+    that failed)."""
     dest = resolve(dest)
     if isinstance(dest, Path):
         yield dest
@@ -264,7 +265,6 @@ def staged(dest) -> Iterator[Path]:
         yield local
         for file in sorted(local.rglob("*")):
             if file.is_file():
-                target = dest / str(file.relative_to(local))
-                target.write_bytes(file.read_bytes())
+                upload(file, dest / str(file.relative_to(local)))
     finally:
         shutil.rmtree(local)

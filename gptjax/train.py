@@ -86,16 +86,13 @@ class Run:
         return (sharding.global_batch(x, batch_sharding, shape), sharding.global_batch(y, batch_sharding, shape))
 
     def estimate_loss(self, step: int) -> dict[str, float]:
-        """Mean loss over eval_iters batches of each split, as nanoGPT's estimate_loss."""
+        """Mean loss over eval_iters batches of each split, as nanoGPT's estimate_loss: each
+        split's batches stacked into one call (the eval step's mean over its A dimension)."""
         out = {}
         for split in ("train", "val"):
-            losses = []
-            for k in range(self.cfg.eval_iters):
-                losses.append(self.eval_step(self.state.params, self.to_device(self.batch(split, step, k))))
-                if k:  # two steps in flight at most, as in training: XLA's CPU devices run each queued
-                    # step's all-reduce on a shared thread pool, and hundreds of them starve it (a hang)
-                    losses[-2].block_until_ready()
-            out[split] = float(np.mean(jax.device_get(losses)))
+            x, y = zip(*(self.batch(split, step, k) for k in range(self.cfg.eval_iters)))
+            batches = self.to_device((np.concatenate(x), np.concatenate(y)))  # (eval_iters, B, T)
+            out[split] = float(self.eval_step(self.state.params, batches))
         return out
 
     def save(self, step: int) -> None:

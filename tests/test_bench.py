@@ -36,6 +36,7 @@ def test_bench_json_rows_against_torch(tmp_path, capsys, monkeypatch):
     assert "gptjax / torch:" in printed and "tokens/s" in printed
 
 
+@pytest.mark.slow
 def test_bench_sampling_rows_alone_against_torch(tmp_path, capsys):
     pytest.importorskip("torch")
     out = tmp_path / "sample.json"

@@ -129,7 +129,8 @@ def causal_reference(q, k, v):
         return masked_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
 
 
-@pytest.mark.parametrize("T, n_blocks", [(16, 1), (16, 2), (16, 4), (10, 4), (12, 5), (7, 7)])
+@pytest.mark.parametrize("T, n_blocks", [(16, 1), (16, 2), (16, 4), pytest.param(10, 4, marks=pytest.mark.slow), (12, 5),
+                                         pytest.param(7, 7, marks=pytest.mark.slow)])
 def test_blocked_matches_masked_softmax_values_and_gradients(T, n_blocks):
     """Equal and uneven blocks (T 10 in 4: 2, 3, 2, 3 rows), float32: rtol 1e-5."""
     q, k, v = qkv(2, T, 3, 8, seed=T + n_blocks)

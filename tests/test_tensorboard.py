@@ -4,7 +4,7 @@ is in test_harness, with the task metrics)."""
 
 import errno
 
-from tensorboard.summary import Writer
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from gptjax import train
 from test_train import tiny
@@ -18,12 +18,12 @@ def test_tensorboard_false_writes_no_events(char_data, tmp_path):
 def test_a_failed_event_write_is_one_error_line(char_data, tmp_path, monkeypatch, capsys):
     calls = []
 
-    def add_scalar(self, tag, data, step, **kwargs):  # the writer's thread found the disk full
-        calls.append(step)
-        if step >= 5:
+    def add_event(self, event):  # the writer's thread found the disk full
+        calls.append(event.step)
+        if event.step >= 5:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Writer, "add_scalar", add_scalar)
+    monkeypatch.setattr(EventFileWriter, "add_event", add_event)
     out = tmp_path / "run"
     argv = [f"--{k}={v}" for k, v in tiny(char_data, out, max_iters=20, eval_interval=4).to_dict().items()
             if k in ("out_dir", "dataset", "data_dir", "vocab_size", "n_layer", "n_head", "n_embd", "block_size",
