@@ -193,8 +193,6 @@ def test_missing_bucket_fails_before_training(here, capsys, compilations):
     assert compilations == []
 
 
-
-
 def test_killed_bucket_run_resumes_bitwise_and_is_sampled_exported_plotted(here, capsys):
     emulator, space = here
     for name in ("train.bin", "val.bin", "meta.pkl"):  # the data_dir is on the bucket too
