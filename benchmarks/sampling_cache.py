@@ -1,11 +1,12 @@
-"""Tokens/s of KV-cache sampling (`gptjax.generate.generate`) for each cache prefix size, in
+"""Tokens/s of KV-cache sampling (`gptjax.generate.generate`) for each cache block size, in
 alternating rounds in one process (random weights: the speed does not depend on them).
 
     python benchmarks/sampling_cache.py [--model gpt2|shakespeare_char] [--new-tokens 500]
         [--buckets 0,64,128,256] [--rounds 2] [--out FILE]
 
-A bucket of 0 reads the whole cache every step; B > 0 reads the first multiple of B rows that
-covers the position (`gptjax.attention.cached_attention`). Prints a table and writes it
+A bucket of 0 holds the cache in one block, read whole every step; B > 0 holds it in blocks of B
+positions, of which each step reads those up to the one that holds its position
+(`gptjax.kvcache`, `gptjax.attention.cached_attention`). Prints a table and writes it
 (markdown) to --out.
 """
 
@@ -39,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=sorted(MODELS), default="gpt2")
     p.add_argument("--new-tokens", type=int, default=500)
-    p.add_argument("--buckets", default="0,64,128,256", help="comma-separated prefix sizes (0: whole cache)")
+    p.add_argument("--buckets", default="0,64,128,256", help="comma-separated block sizes (0: the whole cache in one block)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = p.parse_args()
@@ -53,9 +54,9 @@ def main() -> None:
         for bucket in buckets:
             rates[bucket].append(tokens_per_s(params, cfg, bucket, args.new_tokens))
     lines = [f"{args.model}, {args.new_tokens} new tokens, batch 1, {jax.devices()[0].device_kind}",
-             "", "| cache prefix (rows) | tokens/s per round | median |", "|---|---|---|"]
+             "", "| cache block (rows) | tokens/s per round | median |", "|---|---|---|"]
     for bucket, r in rates.items():
-        name = "whole cache" if bucket == 0 else str(bucket) + (" (default)" if bucket == G.KEY_BUCKET else "")
+        name = "whole cache" if bucket == 0 else str(bucket) + (" (default)" if bucket == G.default_key_bucket(cfg) else "")
         lines.append(f"| {name} | {' / '.join(f'{x:.1f}' for x in r)} | {statistics.median(r):.1f} |")
     table = "\n".join(lines)
     print(table)

@@ -306,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=config_lib.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps per round, after warm-up (0: no train-step rows, only --sample's)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation (sampling: each row the median of this many runs)")
     parser.add_argument("--compare", choices=["torch"], help="also time nanoGPT's PyTorch model")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--sample", type=int, default=0, metavar="N", help="also time sampling N new tokens")
@@ -340,7 +340,7 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     if args.sample:
         from gptjax.sampling_bench import bench_sampling  # it builds on this module's rows
 
-        rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch")
+        rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch", args.rounds)
     peak, source = device_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
     print(format_table(rows))

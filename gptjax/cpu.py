@@ -131,8 +131,8 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | No
     scale = 1.0 / math.sqrt(H)
     q_BxNxTxH, k_BxNxTxH, v_BxNxTxH = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q_BxTxNxH, k_BxTxNxH, v_BxTxNxH))
     # the queries at positions start..stop-1 over the `stop` keys they may see
-    outputs = [attend_prefix(q_BxNxTxH[:, :, start:stop], k_BxNxTxH, v_BxNxTxH, start, stop, scale, dropout,
-                             deterministic)
+    outputs = [attend_prefix(q_BxNxTxH[:, :, start:stop], (k_BxNxTxH[:, :, :stop],), (v_BxNxTxH[:, :, :stop],),
+                             start, scale, dropout, deterministic)
                for start, stop in zip(bounds[:-1], bounds[1:])]
     return jnp.transpose(jnp.concatenate(outputs, axis=2), (0, 2, 1, 3))
 

@@ -31,11 +31,19 @@ import numpy as np
 from flax import struct
 
 from gptjax.kernels import Kernels
-from gptjax.model import GPT, GPTConfig, KVCache, init_cache
+from gptjax.kvcache import KVCache, init_cache
+from gptjax.model import GPT, GPTConfig
 
-# The cache is read in prefixes of this many positions (KVCache.key_bucket): faster than reading
-# the whole cache every step, and than 64 or 256 (docs/benchmarks.md)
-KEY_BUCKET = 128
+# The cache's blocks (init_cache's key_bucket): at least MIN_BLOCK positions each (64 read faster
+# than 128 at batch 8), and at most MAX_BLOCKS of them: the attention's switch compiles one branch
+# per number of blocks read, so compile time grows with the square of their number (GPT-2's 1024
+# positions in 16 blocks compile ~2.6x as long as in 8, for the same speed; docs/benchmarks.md)
+MIN_BLOCK, MAX_BLOCKS = 64, 8
+
+
+def default_key_bucket(cfg: GPTConfig) -> int:
+    """The cache block size `generate` uses unless told: MIN_BLOCK, or block_size / MAX_BLOCKS."""
+    return max(MIN_BLOCK, -(-cfg.block_size // MAX_BLOCKS))
 
 
 @struct.dataclass
@@ -113,7 +121,7 @@ def _window_logits(model: GPT, params, ctx_BxM, L_B, W: int, key_bucket: int):
     B = ctx_BxM.shape[0]
     start_B = jnp.maximum(L_B - W, 0)
     win_BxW = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (W,)))(ctx_BxM, start_B)
-    cache = init_cache(model.config, B).replace(key_bucket=key_bucket)
+    cache = init_cache(model.config, B, key_bucket=key_bucket)
     logits_BxV, cache = model.apply({"params": params}, win_BxW, cache=cache, logits_at=jnp.minimum(L_B, W) - 1)
     return logits_BxV, cache.kv
 
@@ -127,7 +135,8 @@ class _State(NamedTuple):
     kv: object  # the KV cache's arrays (KVCache.kv)
 
 
-def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_tokens: int, stop) -> _State:
+def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_tokens: int, stop,
+           key_bucket: int) -> _State:
     """The loop's initial state: left-padded prompts moved to the start of each row's context."""
     B, T = prompt_BxT.shape
     ctx_BxM = np.zeros((B, T + max_new_tokens), np.int32)
@@ -139,7 +148,7 @@ def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_to
         len_B=jnp.asarray(len_B),
         out_BxN=jnp.full((B, max_new_tokens), max(stop, 0), jnp.int32),
         done_B=jnp.zeros((B,), bool),
-        kv=init_cache(cfg, B).kv,
+        kv=init_cache(cfg, B, key_bucket=key_bucket).kv,
     )
 
 
@@ -168,7 +177,7 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model:
             tok_B = jnp.take_along_axis(state.ctx_BxM, (L_B - 1)[:, None], axis=1)[:, 0]
             # finished rows may be past the block; clamp so they compute finite garbage
             pos_B = jnp.minimum(L_B - 1, bs - 1)
-            cache = KVCache(kv=kv, pos=pos_B if ragged else pos_B[0], key_bucket=key_bucket)
+            cache = KVCache(kv=kv, pos=pos_B if ragged else pos_B[0])
             logits_BxV, cache = model.apply({"params": params}, tok_B[:, None], cache=cache, logits_at=jnp.zeros_like(tok_B))
             return logits_BxV, cache.kv
 
@@ -241,7 +250,7 @@ def _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p, vocab_
 def generate_stream(
     params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-    vocab_limit: int | None = None, prompt_lengths=None, chunk_size: int = 32, key_bucket: int = KEY_BUCKET,
+    vocab_limit: int | None = None, prompt_lengths=None, chunk_size: int = 32, key_bucket: int | None = None,
     kernels: Kernels | None = None,
 ) -> Iterator[np.ndarray]:
     """`generate`, yielding the tokens (B, k) as numpy arrays every chunk_size steps (after all rows
@@ -249,12 +258,13 @@ def generate_stream(
     its state, so the tokens are exactly `generate`'s. Arguments are checked at the call."""
     prompt_BxT, len_B, sampling = _check(cfg, prompt_tokens, max_new_tokens, temperature, top_k, top_p,
                                          vocab_limit, prompt_lengths, stop_token)
+    key_bucket = default_key_bucket(cfg) if key_bucket is None else key_bucket
     if not isinstance(key_bucket, int) or key_bucket < 0:
-        raise ValueError(f"key_bucket={key_bucket!r}: give a whole number of cache rows >= 0 (0 reads the whole cache)")
+        raise ValueError(f"key_bucket={key_bucket!r}: give a whole number of cache rows >= 0 (0: the whole cache in one block)")
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r}: give a whole number of tokens >= 1")
     stop = -1 if stop_token is None else stop_token
-    state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop)
+    state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop, key_bucket)
     model = GPT(cfg, kernels or Kernels())
     static = dict(model=model, ragged=bool((len_B != len_B[0]).any()), key_bucket=key_bucket)
 
@@ -271,7 +281,7 @@ def generate_stream(
 def generate(
     params, cfg: GPTConfig, prompt_tokens, key, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None,
-    vocab_limit: int | None = None, prompt_lengths=None, key_bucket: int = KEY_BUCKET,
+    vocab_limit: int | None = None, prompt_lengths=None, key_bucket: int | None = None,
     kernels: Kernels | None = None,
 ) -> jax.Array:
     """Sample max_new_tokens tokens after each prompt row on the KV cache: int32 (B, max_new_tokens).
@@ -283,7 +293,8 @@ def generate(
     rows have. Step t samples with fold_in(key, t): the same key gives the same tokens. Contexts
     longer than block_size are cropped to their last block_size tokens, as nanoGPT; such steps
     recompute that window instead of using the cache (see the module docstring). key_bucket only
-    sets speed: each step reads the cache in prefixes of that many positions (0: the whole cache).
+    sets speed: the cache is held in blocks of that many positions, of which each step reads those
+    its context reaches (default `default_key_bucket(cfg)`; 0: one block, the whole cache).
     kernels: how the model runs (`kernels.for_inference`; default plain XLA).
     """
     chunks = generate_stream(

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from gptjax import cpu
 from gptjax.attention import cached_attention, fused_causal_attention, masked_attention
 from gptjax.kernels import Kernels
+from gptjax.kvcache import KVCache, write
 from gptjax.layers import (ACTIVATIONS, NORMS, POS_EMBEDDINGS, activation, apply_rotary, dense, norm, proj_std,
                            rms_normalize, rotary_angles)
 
@@ -136,40 +135,6 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-@struct.dataclass
-class KVCache:
-    """The keys and values of earlier positions, and where a forward's T new tokens go.
-
-    kv: per layer {'k', 'v'} of shape (B, N, S, H), heads major so that each head's keys are
-      contiguous rows the products read in place; under scan_layers one such dict with a leading
-      layer axis (L, B, N, S, H). Made by `init_cache`.
-    pos: the position of the first new token, a scalar or one per row (B,); may be traced.
-    key_bucket: read the cache in prefixes of this many positions (0: the whole cache), see
-      `attention.cached_attention`."""
-
-    kv: Any
-    pos: Any = 0
-    key_bucket: int = struct.field(pytree_node=False, default=0)
-
-
-def init_cache(cfg: GPTConfig, batch_size: int, length: int | None = None, dtype=None) -> KVCache:
-    """An empty KV cache of `length` positions (default block_size) for `GPT.__call__`."""
-    shape = (batch_size, cfg.n_head, length or cfg.block_size, cfg.head_size)
-    dtype = dtype or cfg.compute_dtype
-    if cfg.scan_layers:
-        shape = (cfg.n_layer, *shape)
-        return KVCache(kv={"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
-    return KVCache(kv=[{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layer)])
-
-
-def _write(cache_BxNxSxH, new_BxNxTxH, pos):
-    """The T new rows written into the cache at pos (a scalar, or one position per row)."""
-    new_BxNxTxH = new_BxNxTxH.astype(cache_BxNxSxH.dtype)
-    if jnp.ndim(pos) == 0:
-        return jax.lax.dynamic_update_slice(cache_BxNxSxH, new_BxNxTxH, (0, 0, pos, 0))
-    return jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice(c, n, (0, p, 0)))(cache_BxNxSxH, new_BxNxTxH, pos)
-
-
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     kernels: Kernels = Kernels()
@@ -192,10 +157,10 @@ class CausalSelfAttention(nn.Module):
 
         new_kv = None
         if cache is not None:
-            new_kv = {name: _write(cache.kv[name], new_BxTxNxH.transpose(0, 2, 1, 3), cache.pos)
+            new_kv = {name: write(cache.kv[name], new_BxTxNxH.transpose(0, 2, 1, 3), cache.pos)
                       for name, new_BxTxNxH in (("k", k_BxTxNxH), ("v", v_BxTxNxH))}
-            k_BxNxSxH, v_BxNxSxH = (new_kv[name].astype(q_BxTxNxH.dtype) for name in ("k", "v"))
-            y_BxTxNxH = cached_attention(q_BxTxNxH, k_BxNxSxH, v_BxNxSxH, cache.pos, cache.key_bucket)
+            k_blocks, v_blocks = (tuple(b.astype(q_BxTxNxH.dtype) for b in new_kv[name]) for name in ("k", "v"))
+            y_BxTxNxH = cached_attention(q_BxTxNxH, k_blocks, v_blocks, cache.pos)
         elif kernels.attention == "blocked":
             y_BxTxNxH = cpu.blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, None, attn_dropout,
                                                      deterministic)

@@ -56,13 +56,24 @@ def generate_recompute(
     return ctx_BxT[:, T0:]
 
 
+def median_seconds(run: Callable[[], object], rounds: int) -> float:
+    """The median wall-clock seconds of `rounds` calls of run()."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
                        temperature: float = 0.8, top_k: int | None = 200, bucket: int = 16,
-                       progress: Callable[[str], None] | None = None, recompute: bool = True) -> dict:
+                       progress: Callable[[str], None] | None = None, recompute: bool = True,
+                       rounds: int = 1) -> dict:
     """Tokens/s of `generate` (KV cache) and, with `recompute`, `generate_recompute` (nanoGPT)
-    after compiling both (compile seconds reported apart). params=None: random weights (speed does
-    not depend on them). progress: called with a line naming each phase, which also turns on
-    progress bars."""
+    after compiling both (compile seconds reported apart), each the median of `rounds` runs.
+    params=None: random weights (speed does not depend on them). progress: called with a line
+    naming each phase, which also turns on progress bars."""
     say = progress or (lambda message: None)
     params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
     kernels = kernels_lib.for_inference(cfg)
@@ -72,13 +83,12 @@ def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int,
     kw = dict(temperature=temperature, top_k=top_k)
 
     say(f"sampling {new_tokens} tokens at batch {batch}: compiling gptjax's KV-cache loop")
-    t0 = time.perf_counter()  # compile: the cached loop, run for one token
-    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=1, kernels=kernels, **kw))
+    t0 = time.perf_counter()  # compile: the cached loop, run for the prefill and one cached step
+    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=2, kernels=kernels, **kw))
     cache_compile_s = time.perf_counter() - t0
-    say(f"sampling {new_tokens} tokens at batch {batch}: gptjax KV cache (one compiled loop)")
-    t0 = time.perf_counter()
-    jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw))
-    cache_s = time.perf_counter() - t0
+    say(f"sampling {new_tokens} tokens at batch {batch}: gptjax KV cache (one compiled loop), {rounds} rounds")
+    cache_s = median_seconds(
+        lambda: jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw)), rounds)
     n = batch * new_tokens
     result = dict(cache_tokens_per_s=n / cache_s, cache_s=cache_s, cache_compile_s=cache_compile_s)
     if not recompute:
@@ -92,18 +102,19 @@ def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int,
         ctx_BxW = np.zeros((batch, W), np.int32)
         jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, model=model))
     recompute_compile_s = time.perf_counter() - t0
-    say(f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)")
-    t0 = time.perf_counter()
-    generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress is not None,
-                       kernels=kernels, **kw)
-    recompute_s = time.perf_counter() - t0
+    say(f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm), {rounds} rounds")
+    recompute_s = median_seconds(
+        lambda: generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket,
+                                   progress=progress is not None, kernels=kernels, **kw), rounds)
     return {**result, "recompute_tokens_per_s": n / recompute_s, "speedup": recompute_s / cache_s,
             "recompute_s": recompute_s, "recompute_compile_s": recompute_compile_s}
 
 
-def hf_generate(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float = 0.8, top_k: int = 200) -> dict:
+def hf_generate(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float = 0.8, top_k: int = 200,
+                rounds: int = 1) -> dict:
     """Tokens/s of transformers' GPT2LMHeadModel.generate with its KV cache (PyTorch, CPU threads as
-    it sets them), on a random model of cfg's size, sampling as gptjax's rows do."""
+    it sets them), on a random model of cfg's size, sampling as gptjax's rows do; the median of
+    `rounds` runs after a warm-up."""
     import torch
     import transformers
 
@@ -116,18 +127,24 @@ def hf_generate(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float 
         t0 = time.perf_counter()
         model.generate(idx, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
         warm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = model.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        dt = time.perf_counter() - t0
-    assert out.shape == (batch, new_tokens + 1), out.shape
+
+        def run():
+            out = model.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+            assert out.shape == (batch, new_tokens + 1), out.shape
+
+        dt = median_seconds(run, rounds)
     return dict(tokens_per_s=batch * new_tokens / dt, warm_s=warm_s)
 
 
-def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool) -> list[Row]:
-    """Tokens/s of generated tokens at batch 1: KV cache vs full recomputation (and PyTorch's)."""
+def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool,
+                   rounds: int = 1) -> list[Row]:
+    """Tokens/s of generated tokens at batch 1: KV cache vs full recomputation (and PyTorch's); with
+    compare_torch also at batch 8 against transformers' generate. Each row is the median of
+    `rounds` runs, gptjax's all before PyTorch is imported."""
     model_cfg = cfg.model_config(vocab_size)
     params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
-    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1, progress=say)
+    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1, progress=say,
+                                rounds=rounds)
     rows = [
         Row("gptjax-sample-cache", name, 1e3 / result["cache_tokens_per_s"], result["cache_tokens_per_s"],
             float("nan"), result.get("cache_compile_s", float("nan"))),
@@ -138,12 +155,12 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
         from gptjax import torch_ref
 
         batched = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=8, progress=say,
-                                     recompute=False)
+                                     recompute=False, rounds=rounds)
         rows.append(Row("gptjax-sample-cache-b8", name, 1e3 / batched["cache_tokens_per_s"],
                         batched["cache_tokens_per_s"], float("nan"), batched["cache_compile_s"]))
         for batch in (1, 8):
             say(f"sampling {new_tokens} tokens at batch {batch}: transformers' generate with its KV cache")
-            hf = hf_generate(model_cfg, batch, new_tokens)
+            hf = hf_generate(model_cfg, batch, new_tokens, rounds=rounds)
             rows.append(Row("hf-generate" + ("-b8" if batch == 8 else ""), name, 1e3 / hf["tokens_per_s"],
                             hf["tokens_per_s"], float("nan"), hf["warm_s"]))
 
@@ -153,19 +170,22 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
         model = torch_ref.GPT(torch_ref.GPTConfig(
             block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval().to(device)
-        idx = torch.zeros((1, 1), dtype=torch.long, device=device)
-        say(f"sampling {new_tokens} tokens: PyTorch (nanoGPT's generate, full recomputation)")
-        with autocast, tqdm(total=new_tokens, desc="torch recompute", unit="tok", file=sys.stderr) as bar:
-            model.generate(idx, 8)  # warm-up
-            start = time.perf_counter()
-            # in chunks for the progress bar: generate continues from the context it is given, so
-            # this samples as one call would
-            while bar.n < new_tokens:
-                chunk = min(max(new_tokens // 20, 1), new_tokens - bar.n)
-                idx = model.generate(idx, chunk, top_k=200)
-                bar.update(chunk)
+
+        def nanogpt_generate():
+            idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+            with tqdm(total=new_tokens, desc="torch recompute", unit="tok", file=sys.stderr) as bar:
+                # in chunks for the progress bar: generate continues from the context it is given,
+                # so this samples as one call would
+                while bar.n < new_tokens:
+                    chunk = min(max(new_tokens // 20, 1), new_tokens - bar.n)
+                    idx = model.generate(idx, chunk, top_k=200)
+                    bar.update(chunk)
             if device == "cuda":
                 torch.cuda.synchronize()
-        dt = (time.perf_counter() - start) / new_tokens
+
+        say(f"sampling {new_tokens} tokens: PyTorch (nanoGPT's generate, full recomputation), {rounds} rounds")
+        with autocast:
+            model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 8)  # warm-up
+            dt = median_seconds(nanogpt_generate, rounds) / new_tokens
         rows.append(Row("torch-sample-recompute", name, dt * 1e3, 1 / dt, float("nan"), 0.0))
     return rows

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from gptjax import generate as G
+from gptjax import kvcache
 from gptjax.kernels import Kernels
-from gptjax.model import GPT, GPTConfig, KVCache, init_cache, init_params, to_scan_layout
+from gptjax.kvcache import KVCache, init_cache
+from gptjax.model import GPT, GPTConfig, init_params, to_scan_layout
 from gptjax.sampling_bench import generate_recompute
 
 TINY = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -57,7 +59,7 @@ def tiny_params():
         (TINY, 21, 6, 0),  # prompt longer than block_size: cropped as nanoGPT
     ],
 )
-@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the cache read in prefixes of 4 rows
+@pytest.mark.parametrize("key_bucket", [None, 4])  # 4: the cache in blocks of 4 rows
 def test_greedy_cache_equals_recompute(cfg, T, N, seed, key_bucket):
     params = spread_params(cfg, seed)
     prompt = prompts(2, T, cfg.vocab_size)
@@ -69,7 +71,7 @@ def test_greedy_cache_equals_recompute(cfg, T, N, seed, key_bucket):
     assert len(np.unique(cached)) > min(N, 8) // 2, "degenerate sequence: the check would be weak"
 
 
-@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 3])  # 3: the cache read in prefixes of 3 rows
+@pytest.mark.parametrize("key_bucket", [G.default_key_bucket(TINY), 3])  # 3: the cache in blocks of 3 rows
 def test_cached_logits_match_full_forward(tiny_params, key_bucket):
     """Teacher-forced: at every context length, the prefill / one-token decode / cropped-window
     logits the loop uses equal GPT.__call__ on the cropped context (rows of unequal length)."""
@@ -78,9 +80,9 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
     apply = jax.jit(model.apply)
     window = jax.jit(functools.partial(G._window_logits, model, key_bucket=key_bucket), static_argnums=(3,))
 
-    @functools.partial(jax.jit, static_argnums=4)
-    def decode(params, tok_BxT, kv, pos, key_bucket):
-        logits, cache = model.apply(params, tok_BxT, cache=KVCache(kv, pos, key_bucket))
+    @jax.jit
+    def decode(params, tok_BxT, kv, pos):
+        logits, cache = model.apply(params, tok_BxT, cache=KVCache(kv, pos))
         return logits, cache.kv
     ctx_BxM = prompts(2, 26, cfg.vocab_size, seed=3)
     len_B = np.array([3, 7], np.int32)
@@ -100,7 +102,7 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
         L_B = len_B + t
         tok_B = ctx_BxM[np.arange(2), L_B - 1]
         # rows at their own positions in one call
-        inc_Bx1xV, kv = decode({"params": tiny_params}, tok_B[:, None], kv, np.minimum(L_B - 1, bs - 1), key_bucket)
+        inc_Bx1xV, kv = decode({"params": tiny_params}, tok_B[:, None], kv, np.minimum(L_B - 1, bs - 1))
         inc_BxV = inc_Bx1xV[:, 0]
         win_BxV, _ = window(tiny_params, ctx_BxM, L_B, bs)
         for b in range(2):
@@ -112,11 +114,31 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
     assert checked > 10
     # one shared position for every row (equal prompts) against the same reference
     for key_bucket in (0, key_bucket):
-        kv = init_cache(cfg, 2).kv
+        kv = init_cache(cfg, 2, key_bucket=key_bucket).kv
         for L in range(1, bs + 1):
-            step_Bx1xV, kv = decode({"params": tiny_params}, ctx_BxM[:, L - 1 : L], kv, L - 1, key_bucket)
+            step_Bx1xV, kv = decode({"params": tiny_params}, ctx_BxM[:, L - 1 : L], kv, L - 1)
             for b in range(2):
                 np.testing.assert_allclose(step_Bx1xV[b, 0], full(b, L), atol=ATOL, rtol=RTOL)
+
+
+def test_cache_blocks_take_new_rows_as_one_whole_cache():
+    """Rows written into a cache in blocks of 5 (of 16 positions), one token or three, at one
+    position for every row or one per row: exactly what writing into the whole cache and
+    splitting it gives; every other row of every block keeps its value."""
+    cache_BxNxSxH = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 16, 4))
+    blocks = tuple(cache_BxNxSxH[:, :, i:i + 5] for i in range(0, 16, 5))
+    write = jax.jit(kvcache.write)
+
+    def whole(new_BxNxTxH, pos):  # each row written into its whole cache at its position
+        return np.stack([jax.lax.dynamic_update_slice_in_dim(cache_BxNxSxH[b], new_BxNxTxH[b], p, 1)
+                         for b, p in enumerate(np.broadcast_to(pos, (3,)))])
+
+    for T, positions in ((1, [0, 4, 5, 9, 15, np.array([0, 7, 15])]), (3, [0, 4, 13, np.array([0, 4, 13])])):
+        new_BxNxTxH = jax.random.normal(jax.random.PRNGKey(T), (3, 2, T, 4))
+        for pos in positions:
+            got = write(blocks, new_BxNxTxH, jnp.asarray(pos))
+            assert [b.shape[2] for b in got] == [5, 5, 5, 1]
+            np.testing.assert_array_equal(np.concatenate(got, axis=2), whole(new_BxNxTxH, pos))
 
 
 def test_matches_huggingface_greedy():
@@ -242,14 +264,14 @@ def test_stop_token_rows_stop_independently(tiny_params):
     stop = int(greedy[0, 6])
     first = np.flatnonzero(greedy[0] == stop)[0]
     prompt_BxT, len_B, sampling = G._check(cfg, same, 20, 0.0, None, None, None, None)
-    state = G._start(cfg, prompt_BxT, len_B, 20, stop)
+    state = G._start(cfg, prompt_BxT, len_B, 20, stop, G.default_key_bucket(cfg))
     state = G._decode(tiny_params, state, key, jnp.int32(20), sampling, jnp.int32(stop),
-                      model=GPT(cfg), ragged=False, key_bucket=G.KEY_BUCKET)
+                      model=GPT(cfg), ragged=False, key_bucket=G.default_key_bucket(cfg))
     assert int(state.t) == first + 1 < 20
     np.testing.assert_array_equal(np.asarray(state.out_BxN)[0, : first + 1], greedy[0, : first + 1])
 
 
-@pytest.mark.parametrize("key_bucket", [G.KEY_BUCKET, 4])  # 4: the per-row positions read prefixes
+@pytest.mark.parametrize("key_bucket", [None, 4])  # 4: the per-row positions write and read blocks
 def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket):
     cfg = TINY
     lengths = np.array([3, 7, 5, 7])
@@ -289,10 +311,10 @@ def test_bfloat16_compute(tiny_params):
     cfg16 = dataclasses.replace(TINY, dtype="bfloat16")
     prompt = prompts(2, 5, TINY.vocab_size)
     prompt_BxT, len_B, sampling = G._check(cfg16, prompt, 30, 0.0, None, None, None, None)
-    state = G._start(cfg16, prompt_BxT, len_B, 30, -1)
+    state = G._start(cfg16, prompt_BxT, len_B, 30, -1, G.default_key_bucket(cfg16))
     state = G._decode(tiny_params, state, jax.random.PRNGKey(0), jnp.int32(30), sampling, jnp.int32(-1),
-                      model=GPT(cfg16), ragged=False, key_bucket=G.KEY_BUCKET)
-    assert state.kv[0]["k"].dtype == jnp.bfloat16 and int(state.t) == 30
+                      model=GPT(cfg16), ragged=False, key_bucket=G.default_key_bucket(cfg16))
+    assert state.kv[0]["k"][0].dtype == jnp.bfloat16 and int(state.t) == 30
     g32 = np.asarray(G.generate(tiny_params, TINY, prompt, jax.random.PRNGKey(0), 30, temperature=0))
     # bf16 rounds activations to 8 mantissa bits: greedy paths may part later, not in the first steps
     np.testing.assert_array_equal(np.asarray(state.out_BxN)[:, :3], g32[:, :3])

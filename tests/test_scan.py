@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from gptjax.config import TrainConfig
-from gptjax.model import GPT, GPTConfig, init_cache, init_params, to_gpt2_layout, to_scan_layout
+from gptjax.kvcache import init_cache
+from gptjax.model import GPT, GPTConfig, init_params, to_gpt2_layout, to_scan_layout
 from gptjax.optim import decay_mask, make_optimizer
 from gptjax.step import loss_fn
 
@@ -114,7 +115,7 @@ def test_scanned_model_decodes_on_a_cache_as_the_full_forward(remat, params, tok
     full = model.apply({"params": p}, tokens)
     logits, cache = model.apply({"params": p}, tokens[:, :10], cache=init_cache(cfg, tokens.shape[0]))
     np.testing.assert_allclose(logits, full[:, :10], atol=1e-5)
-    assert cache.kv["k"].shape == (3, 4, 4, 16, 8)  # (L, B, N, S, H)
+    assert [block.shape for block in cache.kv["k"]] == [(3, 4, 4, 16, 8)]  # one block (L, B, N, S, H)
     for t in range(10, 16):
         logits, cache = model.apply({"params": p}, tokens[:, t:t + 1], cache=cache.replace(pos=t))
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5)
