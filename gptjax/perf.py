@@ -91,7 +91,8 @@ def enable_compilation_cache() -> str | None:
     """Keep compiled programs across runs in a persistent cache (JAX's own): a run of a model and
     shapes compiled before starts without recompiling them. The directory is JAX_COMPILATION_CACHE_DIR
     when set, else jax/ in gptjax's cache (`paths.cache_root()`: ~/.cache/gptjax by default);
-    GPTJAX_COMPILATION_CACHE=0 turns it off. Returns the directory (None: off)."""
+    GPTJAX_COMPILATION_CACHE=0 turns it off. Programs that compile in under 0.2 s are not kept,
+    unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. Returns the directory (None: off)."""
     from gptjax.paths import cache_root
 
     if os.environ.get("GPTJAX_COMPILATION_CACHE", "1") == "0":
@@ -102,5 +103,6 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     # the evaluation and sampling loops compile in well under JAX's default threshold of 1 s
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     return str(directory)

@@ -19,7 +19,10 @@ def _train(out_dir, data_dir, env):
 
 def test_a_second_run_reuses_the_first_runs_programs(char_data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "GPTJAX_CACHE_DIR")}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), GPTJAX_CPU_DEVICES="1")
+    # every program kept: one whose compile time straddles the 0.2 s default would be written
+    # by whichever run compiled it more slowly
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), GPTJAX_CPU_DEVICES="1",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     _train(tmp_path / "first", char_data, env)
     cache = tmp_path / "cache" / "gptjax" / "jax"
     entries = {p.name: p.stat().st_mtime_ns for p in cache.glob("*-cache")}  # (the -atime files: LRU's)
@@ -44,3 +47,24 @@ def test_the_cache_directory_is_the_users_choice_first(monkeypatch, tmp_path):
         assert perf.enable_compilation_cache() is None
     finally:
         jax.config.update("jax_compilation_cache_dir", saved)
+
+
+def test_the_users_compile_time_threshold_is_kept(monkeypatch, tmp_path):
+    """gptjax keeps programs from 0.2 s of compile time, unless the user set JAX's threshold."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_compilation_cache_max_size", "jax_persistent_cache_min_compile_time_secs")
+    saved = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    try:
+        for env, want in ((None, 0.2), ("0", 0.0)):
+            if env is not None:
+                monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", env)
+            jax.config.update("jax_compilation_cache_dir", None)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # as JAX reads that variable
+            assert perf.enable_compilation_cache() == str(tmp_path / "jax")
+            assert jax.config.jax_persistent_cache_min_compile_time_secs == want
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
