@@ -37,7 +37,7 @@ from gptjax.model import GPT, GPTConfig
 # The cache's blocks (init_cache's key_bucket): at least MIN_BLOCK positions each (64 read faster
 # than 128 at batch 8), and at most MAX_BLOCKS of them: the attention's switch compiles one branch
 # per number of blocks read, so compile time grows with the square of their number (GPT-2's 1024
-# positions in 16 blocks compile ~2.6x as long as in 8, for the same speed; docs/benchmarks.md)
+# positions in 16 blocks: a first call ~2.6x as long as in 8, for the same speed; docs/benchmarks.md)
 MIN_BLOCK, MAX_BLOCKS = 64, 8
 
 
@@ -114,14 +114,14 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Arr
     return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled_B).astype(jnp.int32)
 
 
-def _window_logits(model: GPT, params, ctx_BxM, L_B, W: int, key_bucket: int):
+def _window_logits(model: GPT, params, ctx_BxM, L_B, W: int, kv):
     """Logits after each row's first L_b tokens, seen as nanoGPT's cropped context: the last W (or
     all L_b) of them recomputed from scratch at positions 0..., the head applied only at each row's
-    last token. Also returns the cache it filled, valid for the rows with L_b <= W."""
-    B = ctx_BxM.shape[0]
+    last token. Also returns the cache it filled, valid for the rows with L_b <= W, laid out as
+    `kv` (a cache's arrays, whose values it does not read)."""
     start_B = jnp.maximum(L_B - W, 0)
     win_BxW = jax.vmap(lambda row, s: jax.lax.dynamic_slice(row, (s,), (W,)))(ctx_BxM, start_B)
-    cache = init_cache(model.config, B, key_bucket=key_bucket)
+    cache = KVCache(kv=jax.tree_util.tree_map(jnp.zeros_like, kv))
     logits_BxV, cache = model.apply({"params": params}, win_BxW, cache=cache, logits_at=jnp.minimum(L_B, W) - 1)
     return logits_BxV, cache.kv
 
@@ -152,9 +152,8 @@ def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_to
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "ragged", "key_bucket"))
-def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model: GPT, ragged: bool,
-            key_bucket: int) -> _State:
+@functools.partial(jax.jit, static_argnames=("model", "ragged"))
+def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model: GPT, ragged: bool) -> _State:
     """Sample tokens state.t..end-1, stopping early once every row has emitted `stop` (-1: never).
     `end` is traced so streaming chunks reuse this compilation. ragged: unequal prompt lengths.
 
@@ -171,7 +170,7 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model:
         L_B = state.len_B + state.t  # context length each row samples from this step
 
         def recompute(kv):
-            return _window_logits(model, params, state.ctx_BxM, L_B, W, key_bucket)
+            return _window_logits(model, params, state.ctx_BxM, L_B, W, kv)
 
         def incremental(kv):
             tok_B = jnp.take_along_axis(state.ctx_BxM, (L_B - 1)[:, None], axis=1)[:, 0]
@@ -266,7 +265,7 @@ def generate_stream(
     stop = -1 if stop_token is None else stop_token
     state = _start(cfg, prompt_BxT, len_B, max_new_tokens, stop, key_bucket)
     model = GPT(cfg, kernels or Kernels())
-    static = dict(model=model, ragged=bool((len_B != len_B[0]).any()), key_bucket=key_bucket)
+    static = dict(model=model, ragged=bool((len_B != len_B[0]).any()))
 
     def chunks():
         nonlocal state

@@ -78,7 +78,8 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
     cfg, bs = TINY, TINY.block_size
     model = GPT(cfg)
     apply = jax.jit(model.apply)
-    window = jax.jit(functools.partial(G._window_logits, model, key_bucket=key_bucket), static_argnums=(3,))
+    window = jax.jit(functools.partial(G._window_logits, model), static_argnums=(3,))
+    layout = init_cache(cfg, 2, key_bucket=key_bucket).kv  # the blocks the window's cache fills
 
     @jax.jit
     def decode(params, tok_BxT, kv, pos):
@@ -94,7 +95,7 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
             return inside_BxbsxV[b, L - 1]
         return apply({"params": tiny_params}, ctx_BxM[b : b + 1, L - bs : L])[0, -1]
 
-    logits_BxV, kv = window(tiny_params, ctx_BxM, len_B, 7)
+    logits_BxV, kv = window(tiny_params, ctx_BxM, len_B, 7, layout)
     for b in range(2):
         np.testing.assert_allclose(logits_BxV[b], full(b, len_B[b]), atol=ATOL, rtol=RTOL)
     checked = 0
@@ -104,7 +105,7 @@ def test_cached_logits_match_full_forward(tiny_params, key_bucket):
         # rows at their own positions in one call
         inc_Bx1xV, kv = decode({"params": tiny_params}, tok_B[:, None], kv, np.minimum(L_B - 1, bs - 1))
         inc_BxV = inc_Bx1xV[:, 0]
-        win_BxV, _ = window(tiny_params, ctx_BxM, L_B, bs)
+        win_BxV, _ = window(tiny_params, ctx_BxM, L_B, bs, layout)
         for b in range(2):
             want = full(b, L_B[b])
             np.testing.assert_allclose(win_BxV[b], want, atol=ATOL, rtol=RTOL)
@@ -266,7 +267,7 @@ def test_stop_token_rows_stop_independently(tiny_params):
     prompt_BxT, len_B, sampling = G._check(cfg, same, 20, 0.0, None, None, None, None)
     state = G._start(cfg, prompt_BxT, len_B, 20, stop, G.default_key_bucket(cfg))
     state = G._decode(tiny_params, state, key, jnp.int32(20), sampling, jnp.int32(stop),
-                      model=GPT(cfg), ragged=False, key_bucket=G.default_key_bucket(cfg))
+                      model=GPT(cfg), ragged=False)
     assert int(state.t) == first + 1 < 20
     np.testing.assert_array_equal(np.asarray(state.out_BxN)[0, : first + 1], greedy[0, : first + 1])
 
@@ -313,7 +314,7 @@ def test_bfloat16_compute(tiny_params):
     prompt_BxT, len_B, sampling = G._check(cfg16, prompt, 30, 0.0, None, None, None, None)
     state = G._start(cfg16, prompt_BxT, len_B, 30, -1, G.default_key_bucket(cfg16))
     state = G._decode(tiny_params, state, jax.random.PRNGKey(0), jnp.int32(30), sampling, jnp.int32(-1),
-                      model=GPT(cfg16), ragged=False, key_bucket=G.default_key_bucket(cfg16))
+                      model=GPT(cfg16), ragged=False)
     assert state.kv[0]["k"][0].dtype == jnp.bfloat16 and int(state.t) == 30
     g32 = np.asarray(G.generate(tiny_params, TINY, prompt, jax.random.PRNGKey(0), 30, temperature=0))
     # bf16 rounds activations to 8 mantissa bits: greedy paths may part later, not in the first steps
