@@ -5,7 +5,8 @@ FLOP/s, MFU, compile time, peak memory) and, with --compare torch, the same mode
 batch in nanoGPT's PyTorch architecture (eager and torch.compile), in rounds that alternate with
 gptjax's in the same run, then sampling tokens/s with the KV cache vs full recomputation. Prints a
 table and the ratios. `--vs "--key=value ..."` (repeatable) adds gptjax rows with those overrides
-to the same alternating rounds: an A/B of a setting in one process.
+to the same alternating rounds: an A/B of a setting in one process; `--tune` is that A/B of the
+dot libraries on a CPU, whose verdict runs of the config then take (gptjax.autotune).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from gptjax import autotune
 from gptjax import config as config_lib
 from gptjax import sharding
 from gptjax.config import TrainConfig
@@ -314,6 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of 3 steps to DIR")
     parser.add_argument("--vs", action="append", default=[], metavar="OVERRIDES",
                         help='a gptjax variant timed in the same rounds, e.g. --vs="--attention=xla" (repeatable)')
+    parser.add_argument("--tune", action="store_true", help="on a CPU, time each dot library (--vs=--dot_library=...) "
+                        "and record the fastest for this host and model: dot_library='auto' runs take it")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--name", help="config label in the table (default: the CONFIG name)")
     return parser
@@ -328,6 +332,8 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     if args.steps == 0 and (not args.sample or args.vs or args.profile):
         raise ValueError("--steps=0 times no train step: it is for sampling alone (give --sample=N; "
                          "--vs and --profile time train steps)")
+    if args.tune:
+        args.vs += [f"--dot_library={name}" for name in kernels_lib.DOT_LIBRARIES[1:]]
     if args.compare == "torch":
         # The PyTorch rows run in a process of their own on the same GPU: JAX must not take 75% of
         # its memory up front, as XLA does by default, or that process runs out of it.
@@ -341,6 +347,8 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         from gptjax.sampling_bench import bench_sampling  # it builds on this module's rows
 
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch", args.rounds)
+    if args.tune:
+        say(f"recorded for this host and model: {autotune.record_from_rows(cfg, vocab_size, rows)}")
     peak, source = device_peak_flops()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
     print(format_table(rows))

@@ -58,6 +58,7 @@ class TrainConfig(GPTConfig):
     attention: str = "auto"  # auto | xla | cudnn | plain | blocked (CPU)
     matmul: str = "auto"  # auto | xla | cpu (the CPU Dense product)
     grad_reduce: str = "auto"  # auto | xla | flat (one flat all-reduce, CPU data parallelism)
+    dot_library: str = "auto"  # auto (CPU: measured on this host) | xla | onednn (CPU)
     # I/O
     out_dir: str = "out"
     eval_interval: int = 2000
@@ -128,7 +129,8 @@ class TrainConfig(GPTConfig):
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
             errors.append(f"warmup_iters={self.warmup_iters} is larger than lr_decay_iters={self.lr_decay_iters}")
         for name, allowed in (("attention", kernels.ATTENTION), ("matmul", kernels.MATMUL),
-                              ("grad_reduce", kernels.GRAD_REDUCE), ("nonfinite", ("stop", "skip")),
+                              ("grad_reduce", kernels.GRAD_REDUCE), ("dot_library", kernels.DOT_LIBRARIES),
+                              ("nonfinite", ("stop", "skip")),
                               ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name}={getattr(self, name)!r} must be one of {', '.join(map(repr, allowed))}")

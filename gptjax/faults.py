@@ -182,7 +182,8 @@ def check_free_space(out_dir: str | os.PathLike, needed_bytes: int) -> None:
 
 
 def state_nbytes(state) -> int:
-    """Bytes of every array in a train state: what one checkpoint of it takes on disk, about."""
+    """Bytes of every array in a train state (arrays or their ShapeDtypeStructs): what one
+    checkpoint of it takes on disk, about."""
     import jax
 
-    return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state))
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))

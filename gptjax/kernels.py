@@ -23,6 +23,10 @@ from gptjax.sharding import DATA_AXES, data_size
 ATTENTION = ("auto", "xla", "cudnn", "plain", "blocked")
 MATMUL = ("auto", "xla", "cpu")
 GRAD_REDUCE = ("auto", "xla", "flat")
+DOT_LIBRARIES = ("auto", "xla", "onednn")
+# XLA's CPU compiler options (per compile) that hand dots to oneDNN instead of YNNPACK
+ONEDNN_DOTS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+               "xla_cpu_experimental_ynn_fusion_type": ""}
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -39,6 +43,8 @@ class Kernels:
     grad_reduce: "xla" (the partitioner's reductions, overlapped with the backward pass), "flat"
       (gptjax.cpu: each device's gradient in shard_map, one all-reduce of a flat buffer).
     batch_sharding: where activations are pinned to the batch split (None: not pinned).
+    dot_library: who multiplies matrices in the compiled steps: "xla" (the backend's default;
+      YNNPACK on a CPU), "onednn" (oneDNN, on a CPU; `compiler_options` says so at each compile).
     """
 
     attention: str = "xla"
@@ -47,11 +53,18 @@ class Kernels:
     row_blocks: bool = False
     grad_reduce: str = "xla"
     batch_sharding: NamedSharding | None = None
+    dot_library: str = "xla"
 
     def __post_init__(self):
-        for name, allowed in (("attention", ATTENTION[1:]), ("matmul", MATMUL[1:]), ("grad_reduce", GRAD_REDUCE[1:])):
+        for name, allowed in (("attention", ATTENTION[1:]), ("matmul", MATMUL[1:]), ("grad_reduce", GRAD_REDUCE[1:]),
+                              ("dot_library", DOT_LIBRARIES[1:])):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Kernels.{name}={getattr(self, name)!r} is not one of {allowed}")
+
+    @property
+    def compiler_options(self) -> dict | None:
+        """XLA compiler options for every program that runs these kernels (jax.jit's)."""
+        return dict(ONEDNN_DOTS) if self.dot_library == "onednn" else None
 
     def pin_batch(self, x_BxTxC: jax.Array) -> jax.Array:
         """x split on its batch dimension over every device, so that XLA does not spread the
@@ -81,7 +94,8 @@ def fused_attention_impl(dtype, head_size: int, device) -> str:
 
 
 def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None = None, dropout: float = 0.0,
-           attention: str = "auto", matmul: str = "auto", grad_reduce: str = "auto") -> Kernels:
+           attention: str = "auto", matmul: str = "auto", grad_reduce: str = "auto",
+           dot_library: str = "auto") -> Kernels:
     """The kernels for programs on `devices` (laid out over `mesh` when it spans several); "auto"
     fields are decided here, named ones are taken as they are.
 
@@ -90,13 +104,17 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
     operand; docs/benchmarks.md). Row blocks only where each program sees one device's arrays.
     Elsewhere: cuDNN attention where it applies, else XLA's; XLA's products and reductions.
     Dropout stays with the global program under "auto": its masks then do not depend on how the
-    batch is split."""
+    batch is split. dot_library "auto" is XLA's default here; `for_run` puts in what was measured
+    on this host (gptjax.autotune)."""
     for name, value, allowed in (("attention", attention, ATTENTION), ("matmul", matmul, MATMUL),
-                                 ("grad_reduce", grad_reduce, GRAD_REDUCE)):
+                                 ("grad_reduce", grad_reduce, GRAD_REDUCE), ("dot_library", dot_library, DOT_LIBRARIES)):
         if value not in allowed:
             raise ValueError(f"{name}={value!r} is not one of {allowed}")
     device = devices[0]
     cpu = device.platform == "cpu"
+    if dot_library == "onednn" and not cpu:
+        raise ValueError(f"dot_library='onednn' is for XLA's CPU backend, not {device.platform}: use 'auto' or 'xla'")
+    dot_library = "xla" if dot_library == "auto" else dot_library
     if attention == "auto":
         attention = "blocked" if cpu else fused_attention_impl(dtype, head_size, device)
         cudnn_fallback = attention == "cudnn"
@@ -115,16 +133,38 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
     per_device = not several or grad_reduce == "flat"
     return Kernels(
         attention=attention, cudnn_fallback=cudnn_fallback, matmul=matmul,
-        row_blocks=matmul == "cpu" and per_device, grad_reduce=grad_reduce,
-        batch_sharding=None if per_device else NamedSharding(mesh, P(DATA_AXES)),
+        # row blocks are YNNPACK's: oneDNN takes a tall product whole at least as fast
+        row_blocks=matmul == "cpu" and per_device and dot_library == "xla", grad_reduce=grad_reduce,
+        batch_sharding=None if per_device else NamedSharding(mesh, P(DATA_AXES)), dot_library=dot_library,
     )
 
 
 def for_run(cfg, model_cfg, mesh: Mesh) -> Kernels:
     """The kernels of a training run on `mesh`: its TrainConfig's kernel fields, for its model
-    (the GPTConfig it trains, which may be a checkpoint's)."""
-    return choose(mesh.devices.flat, dtype=model_cfg.dtype, head_size=model_cfg.head_size, mesh=mesh,
-                  dropout=model_cfg.dropout, attention=cfg.attention, matmul=cfg.matmul, grad_reduce=cfg.grad_reduce)
+    (the GPTConfig it trains, which may be a checkpoint's). On a CPU, dot_library "auto" is the
+    library recorded as fastest on this host for the run's train step (gptjax.autotune: `python -m
+    gptjax.bench CONFIG [--key=value ...] --tune` measures it), else XLA's default; a run over
+    several processes takes XLA's default unless it names a library."""
+    kernels = choose(mesh.devices.flat, dtype=model_cfg.dtype, head_size=model_cfg.head_size, mesh=mesh,
+                     dropout=model_cfg.dropout, attention=cfg.attention, matmul=cfg.matmul,
+                     grad_reduce=cfg.grad_reduce, dot_library=cfg.dot_library)
+    if cfg.dot_library != "auto" or mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1:
+        return kernels  # several hosts would each take their own record: XLA's default, the same on all
+    from gptjax import autotune
+
+    verdict = autotune.recorded(autotune.run_key(cfg, model_cfg, rows_per_device(cfg, mesh), mesh.size))
+    return kernels if verdict is None else with_dot_library(kernels, verdict["dot_library"])
+
+
+def rows_per_device(cfg, mesh: Mesh) -> int:
+    """Token rows of one micro-batch on one device: the M of the run's Dense products."""
+    return cfg.batch_size * cfg.block_size // mesh.size
+
+
+def with_dot_library(kernels: Kernels, dot_library: str) -> Kernels:
+    """`kernels` with another dot library (row blocks are for XLA's own, as `choose` sets them)."""
+    return dataclasses.replace(kernels, dot_library=dot_library,
+                               row_blocks=kernels.row_blocks and dot_library == "xla")
 
 
 def for_inference(cfg, device=None, attention: str = "auto") -> Kernels:

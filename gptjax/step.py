@@ -79,15 +79,29 @@ def _init_state(cfg: GPTConfig, optimizer, seed: int, params=None) -> TrainState
     )
 
 
-def create_train_state(cfg: GPTConfig, optimizer, mesh: Mesh, seed: int, params=None):
+def abstract_train_state(cfg: GPTConfig, optimizer, mesh: Mesh, seed: int, params=None):
+    """(state as ShapeDtypeStructs with their shardings, state_shardings) of `create_train_state`,
+    computing nothing: what a checkpoint is restored into, with no state initialised first."""
+    abstract = jax.eval_shape(functools.partial(_init_state, cfg, optimizer, seed), _scan_layout(cfg, params))
+    shardings = sharding.state_shardings(abstract, mesh)
+    laid_out = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s, weak_type=x.weak_type), abstract, shardings)
+    return laid_out, shardings
+
+
+def _scan_layout(cfg: GPTConfig, params):
+    return to_scan_layout(params, cfg.n_layer) if params is not None and cfg.scan_layers else params
+
+
+def create_train_state(cfg: GPTConfig, optimizer, mesh: Mesh, seed: int, params=None, shardings=None):
     """(state, state_shardings), the state created already laid out over the mesh, so a model
     bigger than one device's memory never exists whole on one device. `params` (e.g. imported
-    GPT-2 weights, in GPT-2's per-layer layout) replace the random initialisation."""
-    if params is not None and cfg.scan_layers:
-        params = to_scan_layout(params, cfg.n_layer)
+    GPT-2 weights, in GPT-2's per-layer layout) replace the random initialisation; `shardings`:
+    `abstract_train_state`'s, when the caller has them already."""
+    if shardings is None:
+        _, shardings = abstract_train_state(cfg, optimizer, mesh, seed, params)
+    params = _scan_layout(cfg, params)
     init = functools.partial(_init_state, cfg, optimizer, seed)
-    abstract = jax.eval_shape(init, params)
-    shardings = sharding.state_shardings(abstract, mesh)
     if params is None:
         state = jax.jit(lambda: init(), out_shardings=shardings)()
     else:
@@ -185,10 +199,12 @@ def jit_steps(cfg: GPTConfig, kernels: Kernels, optimizer, schedule, state_shard
         in_shardings=(state_shardings, (batch_sharding, batch_sharding)),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=kernels.compiler_options,
     )
     evaluate = jax.jit(
         functools.partial(eval_step, model=model, mesh=mesh),
         in_shardings=(state_shardings.params, (batch_sharding, batch_sharding)),
         out_shardings=replicated,
+        compiler_options=kernels.compiler_options,
     )
     return train, evaluate

@@ -31,7 +31,7 @@ from gptjax.metrics import MetricsLogger, MetricsWriteError
 from gptjax.kernels import Kernels
 from gptjax.model import GPT2_ARCHITECTURE, PRESETS, GPTConfig, crop_block_size, flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
-from gptjax.step import create_train_state, jit_steps
+from gptjax.step import abstract_train_state, create_train_state, jit_steps
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -208,13 +208,14 @@ def _setup(cfg: TrainConfig, mesh, lock: OutDirLock | None) -> Run:
     dataset = data_lib.BinDataset(data_dir, cfg.block_size, model_cfg.vocab_size, cfg.dataset)
 
     optimizer = make_optimizer(cfg, mesh)
-    state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed, params)
+    abstract, shardings = abstract_train_state(model_cfg, optimizer, mesh, cfg.seed, params)
     if jax.process_index() == 0:
-        check_free_space(cfg.out_dir, state_nbytes(state) + (16 << 20))
+        check_free_space(cfg.out_dir, state_nbytes(abstract) + (16 << 20))
     best_val = float("inf")
-    if resume_meta is not None:
-        state, _ = checkpointer.restore(jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings))
+    if resume_meta is None:
+        state, _ = create_train_state(model_cfg, optimizer, mesh, cfg.seed, params, shardings)
+    else:  # restored straight into its layout: nothing is initialised only to be overwritten
+        state, _ = checkpointer.restore(abstract)
         best_val = resume_meta["best_val_loss"]
     tasks = None
     if cfg.task_names:
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None) -> dict[str, Any]:
     k = run.kernels
     log.info(f"{n_params / 1e6:.2f}M parameters (non-embedding); {run.model_cfg.dtype}; mesh "
              f"{dict(run.mesh.shape)}; kernels: attention {k.attention}, matmul {k.matmul}, grad_reduce "
-             f"{k.grad_reduce}; {cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start} from {run.started_from}")
+             f"{k.grad_reduce}, dots {k.dot_library}; {cfg.tokens_per_iter:,} tokens per iteration; starting at iter {start} from {run.started_from}")
     last: dict[str, Any] = {"iter": start}
     # The host thread gathers each batch and copies it to the devices ahead of the step.
     prefetch = data_lib.Prefetcher(lambda s: run.to_device(run.batch("train", s)), start,

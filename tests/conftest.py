@@ -18,10 +18,14 @@ if (SHARED / "tiktoken_cache").is_dir():
 # never the user's ~/.cache
 _JAX_CACHE = tempfile.mkdtemp(prefix="gptjax-tests-jax-cache-")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+# gptjax's own cache (bucket copies, the kernel choices measured on this host): the session's too
+_GPTJAX_CACHE = tempfile.mkdtemp(prefix="gptjax-tests-cache-")
+os.environ.setdefault("GPTJAX_CACHE_DIR", _GPTJAX_CACHE)
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+    shutil.rmtree(_GPTJAX_CACHE, ignore_errors=True)
 
 
 import pytest  # noqa: E402

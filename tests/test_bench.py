@@ -85,6 +85,24 @@ def test_bench_times_variants_in_the_same_rounds(capsys):
     assert "gptjax / gptjax --remat=full --dtype=bfloat16:" in printed
 
 
+def test_bench_tune_records_the_faster_dot_library_for_this_host(tmp_path, monkeypatch, capsys):
+    from gptjax import autotune, kernels
+    from gptjax.config import parse_args
+    from gptjax.sharding import make_mesh
+
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
+    rows = bench.run(TINY + ["--steps=1", "--rounds=2", "--name=tiny", "--tune"])
+    assert [r.variant for r in rows] == ["", "--dot_library=xla", "--dot_library=onednn"]
+    cfg = parse_args(TINY)
+    mesh = make_mesh(cfg.dp, cfg.fsdp)
+    verdict = autotune.recorded(autotune.run_key(cfg, cfg.model_config(64), kernels.rows_per_device(cfg, mesh), mesh.size))
+    ms = {r.variant.split("=")[1]: r.ms_per_iter for r in rows[1:]}
+    assert verdict["ms_per_step"] == pytest.approx(ms, abs=1e-3)
+    faster = "onednn" if ms["onednn"] < (1 - autotune.MARGIN) * ms["xla"] else "xla"
+    assert verdict["dot_library"] == faster
+    assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == faster
+
+
 def test_bench_variant_may_not_change_the_batch(capsys):
     assert bench.main(TINY + ["--vs=--batch_size=8"]) == 2
     assert "changes batch_size" in capsys.readouterr().err

@@ -83,6 +83,60 @@ def test_choose_reduces_flat_only_for_pure_data_parallelism_on_cpu(monkeypatch):
         kernels.choose([CPU], dtype="float32", head_size=16, attention="fast")
 
 
+def test_dot_library_is_chosen_on_the_cpu_only():
+    assert kernels.choose([CPU], dtype="float32", head_size=16).dot_library == "xla"  # "auto" without a record
+    onednn = kernels.choose([CPU], dtype="float32", head_size=16, dot_library="onednn")
+    assert (onednn.dot_library, onednn.row_blocks) == ("onednn", False)  # row blocks are YNNPACK's
+    assert onednn.compiler_options["xla_cpu_use_onednn"] and Kernels().compiler_options is None
+    with pytest.raises(ValueError, match="dot_library='onednn' is for XLA's CPU backend, not gpu"):
+        kernels.choose([fake_device()], dtype="bfloat16", head_size=64, dot_library="onednn")
+    with pytest.raises(ValueError, match="dot_library='mkl' is not one of"):
+        kernels.choose([CPU], dtype="float32", head_size=16, dot_library="mkl")
+
+
+def test_the_steps_compile_for_the_chosen_dot_library():
+    """jit_steps hands the kernels' compiler options to XLA: oneDNN takes the Dense products."""
+    from gptjax.optim import lr_schedule, make_optimizer
+    from gptjax.config import TrainConfig
+    from gptjax.step import create_train_state, jit_steps
+
+    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=64)
+    mesh = make_mesh()
+    optimizer = make_optimizer(cfg, mesh)
+    state, shardings = create_train_state(cfg.model_config(64), optimizer, mesh, 0)
+    xy = (jnp.zeros((1, 2, 16), jnp.int32),) * 2
+    for library, fusion in (("xla", "ynn_fusion"), ("onednn", "onednn_fusion")):
+        k = kernels.choose([CPU], dtype="float32", head_size=16, dot_library=library)
+        train_step, eval_step = jit_steps(cfg.model_config(64), k, optimizer, lr_schedule(cfg), shardings, mesh)
+        for step, args in ((train_step, (state, xy)), (eval_step, (state.params, xy))):
+            text = step.lower(*args).compile().as_text()
+            assert fusion in text and ("onednn_fusion" in text) == (library == "onednn"), library
+
+
+def test_for_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatch):
+    from gptjax import autotune
+    from gptjax.config import TrainConfig
+
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
+    cfg = TrainConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=64)
+    mesh = make_mesh()
+    key = autotune.run_key(cfg, cfg.model_config(64), kernels.rows_per_device(cfg, mesh), mesh.size)
+    assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"  # nothing measured
+    assert autotune.record_verdict(key, {"xla": 10.0, "onednn": 9.7})["dot_library"] == "xla"  # within the margin
+    assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
+    assert autotune.record_verdict(key, {"xla": 10.0, "onednn": 8.0})["dot_library"] == "onednn"
+    chosen = kernels.for_run(cfg, cfg.model_config(64), mesh)
+    assert (chosen.dot_library, chosen.row_blocks) == ("onednn", False)
+    # another width is another verdict; a named library is taken as it is
+    wider = dataclasses.replace(cfg, n_embd=64)
+    assert kernels.for_run(wider, wider.model_config(64), mesh).dot_library == "xla"
+    named = dataclasses.replace(cfg, dot_library="xla")
+    assert kernels.for_run(named, named.model_config(64), mesh).dot_library == "xla"
+    (tmp_path / "autotune.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="delete it and measure again"):
+        assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
+
+
 @pytest.fixture(scope="module")
 def batch():
     x = jax.random.randint(jax.random.PRNGKey(1), (2, CFG.block_size), 0, CFG.vocab_size)
@@ -102,12 +156,14 @@ def reference(batch):
     Kernels(attention="blocked"),
     Kernels(attention="xla", matmul="cpu"),
     Kernels(attention="blocked", matmul="cpu", row_blocks=True),  # the CPU default
-], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}")
+    Kernels(attention="blocked", matmul="cpu", dot_library="onednn"),
+], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}-{k.dot_library}")
 def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
     """float32: loss within 1e-6 relative, gradients within 1e-4 (reassociation only)."""
     params, (ref_loss, ref_grads) = reference
     with jax.default_matmul_precision("highest"):
-        loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1)(params, GPT(CFG, chosen), *batch)
+        loss, grads = jax.jit(jax.value_and_grad(loss_fn), static_argnums=1,
+                              compiler_options=chosen.compiler_options)(params, GPT(CFG, chosen), *batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref_grads)) > 1e-2
     for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):

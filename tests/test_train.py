@@ -26,6 +26,9 @@ from gptjax.data import BinDataset, get_batch
 from gptjax.prepare import prepare_shakespeare_char
 from gptjax.model import GPT
 from gptjax.torch_ref import nanogpt_lr
+from gptjax import train as train_module
+from gptjax.optim import make_optimizer
+from gptjax.step import abstract_train_state
 from gptjax.train import main, setup, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,14 +228,17 @@ def test_logged_loss_is_the_true_batch_mean(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_reproduces_the_uninterrupted_run(dropout_run, data_dir, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(dropout_run, data_dir, tmp_path, monkeypatch):
     """Stopping at 10 and resuming gives bitwise the losses and parameters of one run to 20, with
-    dropout on, so the per-step dropout keys must be restored too."""
+    dropout on, so the per-step dropout keys must be restored too. The resume restores into the
+    state's shapes alone: no state is initialised only to be overwritten."""
     full_dir, full = dropout_run
     first = train(bf16_dropout(data_dir, tmp_path, max_iters=10))
     assert first["iter"] == 10
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["10"]
-    resumed = train(bf16_dropout(data_dir, tmp_path, init_from="resume"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "create_train_state", lambda *a, **k: pytest.fail("a resume initialised a state"))
+        resumed = train(bf16_dropout(data_dir, tmp_path, init_from="resume"))
     assert resumed["iter"] == 20
 
     full_steps, split_steps = step_records(full_dir), step_records(tmp_path)
@@ -254,6 +260,18 @@ def test_resume_reproduces_the_uninterrupted_run(dropout_run, data_dir, tmp_path
     dataset = BinDataset(data_dir, 16, model_cfg.vocab_size)
     x, y = get_batch(dataset, "train", 0, 4, 16, 1337, accum_steps=2)
     assert abs(full_steps[0]["loss"] - reference_loss(params, model_cfg, x, y)) > 1e-5
+
+
+def test_abstract_train_state_is_the_created_state_without_its_values(data_dir, tmp_path):
+    """What a resume restores into: the shapes, dtypes and shardings of the state a run creates."""
+    cfg = tiny(data_dir, tmp_path, scan_layers=True)
+    run = setup(cfg)
+    abstract, shardings = abstract_train_state(run.model_cfg, make_optimizer(cfg, run.mesh), run.mesh, cfg.seed)
+    assert jax.tree_util.tree_structure(abstract) == jax.tree_util.tree_structure(run.state)
+    for (path, a), x, s in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree_util.tree_leaves(run.state),
+                               jax.tree_util.tree_leaves(shardings)):
+        assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding) and a.sharding == s, jax.tree_util.keystr(path)
+    run.close()
 
 
 def test_eval_only_evaluates_and_exits(dropout_run, data_dir, tmp_path):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 
@@ -173,4 +174,6 @@ def test_unwritable_out_dir_or_no_free_space_fails_before_training(space, tmp_pa
 def test_state_nbytes_counts_every_array():
     tree = {"a": np.zeros((3, 4), np.float32), "b": [np.zeros(5, np.int32), np.zeros((), np.float64)]}
     assert faults.state_nbytes(tree) == 48 + 20 + 8
+    shapes = {"a": jax.ShapeDtypeStruct((3, 4), np.float32), "b": [jax.ShapeDtypeStruct((5,), np.int32)]}
+    assert faults.state_nbytes(shapes) == 48 + 20  # a state not yet created, as a resume sees it
 

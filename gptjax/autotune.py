@@ -1,0 +1,108 @@
+"""Kernel choices measured on this host and remembered: the library XLA's CPU backend hands a
+run's matrix products to.
+
+Which library multiplies fastest depends on the CPU and the shapes (docs/benchmarks.md, "Intel
+Xeon host"): on one host oneDNN beats YNNPACK, XLA's default, on a 384-wide model's train step and
+loses on a 128-wide one's. `python -m gptjax.bench CONFIG --tune` times the run's own train step
+with each library in alternating rounds and records the verdict here, in gptjax's cache
+(`paths.cache_root()/autotune.json`), keyed by the CPU, jaxlib, the devices and the train step
+measured; a run of that step with `dot_library="auto"` then takes it, so every such run on this
+host makes the same choice (and computes the same numbers). The measuring is a command of its own
+because XLA's oneDNN path is experimental: a program it cannot build ends the process, which must
+be the benchmark's and not a training run's. A library other than XLA's default is taken only
+when it is clearly faster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+from gptjax import paths
+
+MARGIN = 0.05  # another library must be this much faster than XLA's default to be taken
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def run_key(cfg, model_cfg, rows_per_device: int, n_devices: int) -> str:
+    """What a verdict holds for: this host's CPU and jaxlib, the devices, and the train step it was
+    measured on (the model as built, the rows of its products, accumulation and optimizer), so a
+    run takes only a verdict measured on its own program."""
+    program = {"model": dataclasses.asdict(model_cfg), "rows_per_device": rows_per_device,
+               "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "optimizer": cfg.optimizer,
+               "grad_clip": cfg.grad_clip > 0}
+    digest = hashlib.sha256(json.dumps(program, sort_keys=True).encode()).hexdigest()[:16]
+    m = model_cfg
+    return (f"{cpu_model()} | jaxlib {importlib.metadata.version('jaxlib')} | {n_devices} devices | "
+            f"n_layer {m.n_layer} n_embd {m.n_embd} block_size {m.block_size}, {rows_per_device} rows | {digest}")
+
+
+def _record_path() -> Path:
+    return paths.cache_root() / "autotune.json"
+
+
+def _records() -> dict:
+    path = _record_path()
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # a cache: an unreadable one costs the choice, not the run
+        warnings.warn(f"ignoring the kernel choices in {path} ({err}); delete it and measure again with "
+                      "python -m gptjax.bench CONFIG --tune")
+        return {}
+
+
+def recorded(key: str) -> dict | None:
+    """The verdict measured on this host for `key` ({"dot_library": ..., "ms_per_step": {...}}), or None."""
+    return _records().get(key)
+
+
+def _record(key: str, verdict: dict) -> None:
+    path = _record_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = _records()
+    records[key] = verdict
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
+    os.replace(tmp, path)  # atomic: a reader sees the old records or the new ones
+
+
+def record_verdict(key: str, ms_per_step: dict[str, float]) -> dict:
+    """Record which dot library this host should use for `key`, from each one's measured step
+    time ("xla" among them): the fastest, if it beats XLA's default by MARGIN. Returns the verdict."""
+    best = min(ms_per_step, key=ms_per_step.get)
+    choice = best if ms_per_step[best] < (1 - MARGIN) * ms_per_step["xla"] else "xla"
+    verdict = {"dot_library": choice, "ms_per_step": {k: round(v, 3) for k, v in ms_per_step.items()},
+               "measured": time.strftime("%Y-%m-%d")}
+    _record(key, verdict)
+    return verdict
+
+
+def record_from_rows(cfg, vocab_size: int, rows) -> dict:
+    """Record the verdict of `python -m gptjax.bench CONFIG --tune`'s rows (gptjax.bench.Row, one
+    per `--dot_library=NAME` variant, timed in alternating rounds) for the run `cfg` describes."""
+    import jax
+
+    from gptjax import kernels, sharding
+
+    if jax.devices()[0].platform != "cpu":
+        raise ValueError(f"--tune measures XLA's CPU dot libraries; this run is on {jax.devices()[0].platform}")
+    ms = {r.variant.split("=", 1)[1]: r.ms_per_iter for r in rows if r.variant.startswith("--dot_library=")}
+    mesh = sharding.make_mesh(cfg.dp, cfg.fsdp)
+    key = run_key(cfg, cfg.model_config(vocab_size), kernels.rows_per_device(cfg, mesh), mesh.size)
+    return record_verdict(key, ms)
