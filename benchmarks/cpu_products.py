@@ -113,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child)
-    from peers import host
+    from peers import host, publish
 
     columns = {}
     for which in [*LIBRARIES, "PyTorch"]:
@@ -133,9 +133,7 @@ def main() -> None:
                  for which, (rate, used) in ((w, columns[w][name]) for w in columns)]
         lines.append(f"| {name} ({M} x {K} x {N}) | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

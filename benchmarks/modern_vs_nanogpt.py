@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peers import (EVAL_BATCHES, eval_200, gptjax_recipe, host, nanogpt_cpu_recipe, peer_arguments,
+from peers import (EVAL_BATCHES, eval_200, gptjax_recipe, host, nanogpt_cpu_recipe, peer_arguments, publish,
                    shakespeare_char)
 
 
@@ -59,9 +59,7 @@ def main() -> None:
         lines.append(f"| {r['impl']} | {r['iters']} | {r['wall_s']:.1f} | {r['wall_s'] / full['wall_s']:.0%} | "
                      f"{r['val_loss_20']:.4f} | {r['val_loss_200']:.4f} |")
     table = "\n".join(lines)
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table + "\n")
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,13 @@ def shakespeare_char(data_dir: Path) -> Path:
     return data_dir.resolve()
 
 
+def publish(table: str, out: Path) -> None:
+    """Print a benchmark's table and write it to `out` (its folders made as needed)."""
+    print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(table + "\n")
+
+
 def host() -> str:
     """CPU model (lscpu), cores and the libraries' versions, for the line above a table."""
     model = next((line.split(":", 1)[1].strip() for line in subprocess.run(

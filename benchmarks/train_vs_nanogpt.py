@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peers import (EVAL_BATCHES, eval_200, gptjax_recipe, host, nanogpt_cpu_recipe, peer_arguments,
+from peers import (EVAL_BATCHES, eval_200, gptjax_recipe, host, nanogpt_cpu_recipe, peer_arguments, publish,
                    shakespeare_char)
 
 
@@ -57,9 +57,7 @@ def main() -> None:
                 rows.append(row)
                 print(row, file=sys.stderr)
     text = table(rows, f"python benchmarks/train_vs_nanogpt.py --rounds {args.rounds}")
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":
