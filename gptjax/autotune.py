@@ -7,10 +7,11 @@ loses on a 128-wide one's. `python -m gptjax.bench CONFIG --tune` times the run'
 with each library in alternating rounds and records the verdict here, in gptjax's cache
 (`paths.cache_root()/autotune.json`), keyed by the CPU, jaxlib, the devices and the train step
 measured; a run of that step with `dot_library="auto"` then takes it, so every such run on this
-host makes the same choice (and computes the same numbers). The measuring is a command of its own
-because XLA's oneDNN path is experimental: a program it cannot build ends the process, which must
-be the benchmark's and not a training run's. A library other than XLA's default is taken only
-when it is clearly faster.
+host makes the same choice (and computes the same numbers). The measuring is a command of its own,
+and the library is used for the train step alone (`step.jit_steps`), because XLA's oneDNN path is
+experimental: a program it cannot build ends the process when it first runs, which must be the
+benchmark's and not a training run's, so only the program the benchmark ran may use it. A library
+other than XLA's default is taken only when it is clearly faster.
 """
 
 from __future__ import annotations

@@ -43,8 +43,11 @@ class Kernels:
     grad_reduce: "xla" (the partitioner's reductions, overlapped with the backward pass), "flat"
       (gptjax.cpu: each device's gradient in shard_map, one all-reduce of a flat buffer).
     batch_sharding: where activations are pinned to the batch split (None: not pinned).
-    dot_library: who multiplies matrices in the compiled steps: "xla" (the backend's default;
-      YNNPACK on a CPU), "onednn" (oneDNN, on a CPU; `compiler_options` says so at each compile).
+    dot_library: who multiplies matrices in the train step: "xla" (the backend's default;
+      YNNPACK on a CPU), "onednn" (oneDNN, on a CPU; `compiler_options` says so at its compile).
+      XLA's oneDNN path is experimental and ends the process on some programs (it did on the
+      evaluation step of a model whose train step it runs), so it is used for the train step
+      alone, the program `python -m gptjax.bench --tune` has run before recording it.
     """
 
     attention: str = "xla"
@@ -63,7 +66,7 @@ class Kernels:
 
     @property
     def compiler_options(self) -> dict | None:
-        """XLA compiler options for every program that runs these kernels (jax.jit's)."""
+        """XLA compiler options for the train step's compile (jax.jit's)."""
         return dict(ONEDNN_DOTS) if self.dot_library == "onednn" else None
 
     def pin_batch(self, x_BxTxC: jax.Array) -> jax.Array:

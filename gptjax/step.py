@@ -190,7 +190,7 @@ def eval_step(params, batch, *, model: GPT, mesh: Mesh | None = None):
 
 def jit_steps(cfg: GPTConfig, kernels: Kernels, optimizer, schedule, state_shardings, mesh: Mesh):
     """The jitted (train_step, eval_step) of GPT(cfg, kernels), with shardings fixed at jit and the
-    state donated."""
+    state donated; the train step compiles with the kernels' dot library."""
     model = GPT(cfg, kernels)
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
@@ -204,7 +204,6 @@ def jit_steps(cfg: GPTConfig, kernels: Kernels, optimizer, schedule, state_shard
     evaluate = jax.jit(
         functools.partial(eval_step, model=model, mesh=mesh),
         in_shardings=(state_shardings.params, (batch_sharding, batch_sharding)),
-        out_shardings=replicated,
-        compiler_options=kernels.compiler_options,
+        out_shardings=replicated,  # XLA's own dot library: `--tune` measures (and so vets) the train step only
     )
     return train, evaluate
