@@ -3,6 +3,10 @@ for by name on this CPU, computing the plain model's loss and gradients; the GPU
 (XLA attention, XLA products) included."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -139,28 +143,29 @@ def test_for_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypa
         assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
 
 
-@pytest.fixture(scope="module")
-def batch():
+def plain_batch():
     x = jax.random.randint(jax.random.PRNGKey(1), (2, CFG.block_size), 0, CFG.vocab_size)
     return x, jnp.roll(x, -1, axis=1)
 
 
-@pytest.fixture(scope="module")
-def reference(batch):
+def plain_reference(batch):
     """Loss and gradients of the plain model: the masked softmax written out, XLA's products."""
     params = init_params(CFG, jax.random.PRNGKey(0))
     with jax.default_matmul_precision("highest"):
         return params, jax.value_and_grad(loss_fn)(params, GPT(CFG, Kernels(attention="plain")), *batch)
 
 
-@pytest.mark.parametrize("chosen", [
-    Kernels(attention="xla"),  # the GPU/TPU default (and cuDNN's fallback)
-    Kernels(attention="blocked"),
-    Kernels(attention="xla", matmul="cpu"),
-    Kernels(attention="blocked", matmul="cpu", row_blocks=True),  # the CPU default
-    Kernels(attention="blocked", matmul="cpu", dot_library="onednn"),
-], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}-{k.dot_library}")
-def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
+@pytest.fixture(scope="module")
+def batch():
+    return plain_batch()
+
+
+@pytest.fixture(scope="module")
+def reference(batch):
+    return plain_reference(batch)
+
+
+def check_matches_plain_model(chosen, batch, reference):
     """float32: loss within 1e-6 relative, gradients within 1e-4 (reassociation only)."""
     params, (ref_loss, ref_grads) = reference
     with jax.default_matmul_precision("highest"):
@@ -170,6 +175,28 @@ def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref_grads)) > 1e-2
     for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chosen", [
+    Kernels(attention="xla"),  # the GPU/TPU default (and cuDNN's fallback)
+    Kernels(attention="blocked"),
+    Kernels(attention="xla", matmul="cpu"),
+    Kernels(attention="blocked", matmul="cpu", row_blocks=True),  # the CPU default
+], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}")
+def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
+    check_matches_plain_model(chosen, batch, reference)
+
+
+def test_onednn_dots_match_the_plain_model():
+    """The CPU kernels with oneDNN's products, in a child process: XLA's oneDNN path is
+    experimental and ends the process when it cannot build a program (SIGILL), which must fail
+    this test, not the session."""
+    script = ("import test_kernels as t; from gptjax.kernels import Kernels; b = t.plain_batch(); "
+              "t.check_matches_plain_model(Kernels(attention='blocked', matmul='cpu', dot_library='onednn'), "
+              "b, t.plain_reference(b)); print('matches')")
+    child = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert child.returncode == 0 and "matches" in child.stdout, (child.returncode, child.stderr[-3000:])
 
 
 def test_blocked_attention_really_runs_in_blocks(batch):
