@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -53,14 +52,10 @@ def publish(table: str, out: Path) -> None:
 
 
 def host() -> str:
-    """CPU model (lscpu), cores and the libraries' versions, for the line above a table."""
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")), "?")
-    import jax
-    import torch
+    """CPU model, cores and the libraries' versions, for the line above a table."""
+    from gptjax.perf import host_description
 
-    return (f"{model} ({os.cpu_count()} cores); Python {platform.python_version()}, jax {jax.__version__}, "
-            f"PyTorch {torch.__version__}")
+    return host_description(("jax", "jaxlib", "flax", "optax", "torch"))
 
 
 def nanogpt_cpu_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int = 2000) -> dict:

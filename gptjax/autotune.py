@@ -21,22 +21,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import platform
 import time
 import warnings
 from pathlib import Path
 
 from gptjax import paths
+from gptjax.perf import cpu_model
 
 MARGIN = 0.05  # another library must be this much faster than XLA's default to be taken
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def run_key(cfg, model_cfg, rows_per_device: int, n_devices: int) -> str:

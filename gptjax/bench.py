@@ -35,7 +35,7 @@ from gptjax.model import flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax import cpu
 from gptjax import kernels as kernels_lib
-from gptjax.perf import device_peak_flops
+from gptjax.perf import device_peak_flops, host_description
 from gptjax.step import create_train_state, jit_steps
 
 TRAIN_IMPLS = ("gptjax", "torch", "torch-compile")
@@ -350,11 +350,12 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     if args.tune:
         say(f"recorded for this host and model: {autotune.record_from_rows(cfg, vocab_size, rows)}")
     peak, source = device_peak_flops()
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
+    host = host_description(("jax", "jaxlib", "flax", "optax") + (("torch", "transformers") if args.compare else ()))
+    print(f"host: {host}\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "peak_flops": peak,
+            json.dump({"host": host, "device": jax.devices()[0].device_kind, "peak_flops": peak,
                        "rows": [r.as_dict() for r in rows]}, f, indent=2)
     return rows
 

@@ -1,11 +1,15 @@
-"""Device peak FLOP/s for MFU (a table for known accelerators, a measured matmul rate on CPU), and
-the persistent compilation cache the command-line tools share."""
+"""Device peak FLOP/s for MFU (a table for known accelerators, a measured matmul rate on CPU), the
+host a benchmark ran on, and the persistent compilation cache the command-line tools share."""
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
 import os
+import platform
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +86,25 @@ def mfu(flops_per_iter: float, seconds_per_iter: float, n_devices: int | None = 
         n_devices = 1  # the measured CPU peak already covers every core
     n_devices = n_devices or jax.device_count()
     return flops_per_iter / seconds_per_iter / (peak * n_devices)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, as lscpu prints it), else what the platform
+    module says."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def host_description(packages=("jax", "jaxlib", "flax", "optax")) -> str:
+    """What a benchmark table records about its host: the CPU, its cores, and the versions of
+    `packages` that are installed."""
+    versions = []
+    for name in packages:
+        if importlib.util.find_spec(name) is not None:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+    return f"{cpu_model()} ({os.cpu_count()} cores); Python {platform.python_version()}, {', '.join(versions)}"
 
 
 COMPILATION_CACHE_BYTES = 2 << 30  # least recently used executables beyond this are evicted

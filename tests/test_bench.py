@@ -20,6 +20,11 @@ def test_bench_json_rows_against_torch(tmp_path, capsys, monkeypatch):
     rows = bench.run(TINY + ["--steps=2", "--rounds=2", "--compare=torch", "--no-torch-compile",
                              "--name=tiny", f"--json={out}"])
     payload = json.loads(out.read_text())
+    # every table records its host: the CPU model, its cores, and the versions of what it ran
+    from gptjax.perf import cpu_model
+
+    assert payload["host"].startswith(f"{cpu_model()} ({os.cpu_count()} cores)")
+    assert all(f"{name} " in payload["host"] for name in ("jax", "jaxlib", "flax", "optax", "torch"))
     # 2 blocks of weights and LayerNorm scales (no biases: nanoGPT's default), ln_f, wte (the tied head)
     n_params = 2 * (12 * 32 * 32 + 2 * 32) + 32 + 64 * 32
     tiny_flops_per_token = 6 * n_params + 12 * 2 * 16 * 32
@@ -35,7 +40,7 @@ def test_bench_json_rows_against_torch(tmp_path, capsys, monkeypatch):
     # on a GPU, JAX leaves the memory the PyTorch process needs (XLA preallocates 75% otherwise)
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     printed = capsys.readouterr().out
-    assert "gptjax / torch:" in printed and "tokens/s" in printed
+    assert "gptjax / torch:" in printed and "tokens/s" in printed and f"host: {payload['host']}" in printed
 
 
 @pytest.mark.slow
