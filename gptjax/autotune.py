@@ -25,23 +25,47 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
+from jax.sharding import Mesh
+
+from gptjax import kernels as kernels_lib
 from gptjax import paths
+from gptjax.kernels import Kernels
 from gptjax.perf import cpu_model
 
 MARGIN = 0.05  # another library must be this much faster than XLA's default to be taken
 
 
-def run_key(cfg, model_cfg, rows_per_device: int, n_devices: int) -> str:
+def for_run(cfg, model_cfg, mesh: Mesh) -> Kernels:
+    """The kernels of a training run on `mesh` (`kernels.for_run`), with dot_library "auto" on a
+    CPU taking the library recorded as fastest on this host for the run's train step (`python -m
+    gptjax.bench CONFIG [--key=value ...] --tune` measures it), else XLA's default. A run over
+    several processes keeps XLA's default unless it names a library: each host would take its own
+    record."""
+    kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
+    if cfg.dot_library != "auto" or mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1:
+        return kernels
+    verdict = recorded(run_key(cfg, model_cfg, mesh))
+    return kernels if verdict is None else kernels_lib.with_dot_library(kernels, verdict["dot_library"])
+
+
+def rows_per_device(cfg, mesh: Mesh) -> int:
+    """Token rows of one micro-batch on one device: the M of the run's Dense products."""
+    return cfg.batch_size * cfg.block_size // mesh.size
+
+
+def run_key(cfg, model_cfg, mesh: Mesh) -> str:
     """What a verdict holds for: this host's CPU and jaxlib, the devices, and the train step it was
     measured on (the model as built, the rows of its products, accumulation and optimizer), so a
     run takes only a verdict measured on its own program."""
-    program = {"model": dataclasses.asdict(model_cfg), "rows_per_device": rows_per_device,
+    rows = rows_per_device(cfg, mesh)
+    program = {"model": dataclasses.asdict(model_cfg), "rows_per_device": rows,
                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "optimizer": cfg.optimizer,
                "grad_clip": cfg.grad_clip > 0}
     digest = hashlib.sha256(json.dumps(program, sort_keys=True).encode()).hexdigest()[:16]
     m = model_cfg
-    return (f"{cpu_model()} | jaxlib {importlib.metadata.version('jaxlib')} | {n_devices} devices | "
-            f"n_layer {m.n_layer} n_embd {m.n_embd} block_size {m.block_size}, {rows_per_device} rows | {digest}")
+    return (f"{cpu_model()} | jaxlib {importlib.metadata.version('jaxlib')} | {mesh.size} devices | "
+            f"n_layer {m.n_layer} n_embd {m.n_embd} block_size {m.block_size}, {rows} rows | {digest}")
 
 
 def _record_path() -> Path:
@@ -89,13 +113,9 @@ def record_verdict(key: str, ms_per_step: dict[str, float]) -> dict:
 def record_from_rows(cfg, vocab_size: int, rows) -> dict:
     """Record the verdict of `python -m gptjax.bench CONFIG --tune`'s rows (gptjax.bench.Row, one
     per `--dot_library=NAME` variant, timed in alternating rounds) for the run `cfg` describes."""
-    import jax
-
-    from gptjax import kernels, sharding
+    from gptjax import sharding
 
     if jax.devices()[0].platform != "cpu":
         raise ValueError(f"--tune measures XLA's CPU dot libraries; this run is on {jax.devices()[0].platform}")
     ms = {r.variant.split("=", 1)[1]: r.ms_per_iter for r in rows if r.variant.startswith("--dot_library=")}
-    mesh = sharding.make_mesh(cfg.dp, cfg.fsdp)
-    key = run_key(cfg, cfg.model_config(vocab_size), kernels.rows_per_device(cfg, mesh), mesh.size)
-    return record_verdict(key, ms)
+    return record_verdict(run_key(cfg, cfg.model_config(vocab_size), sharding.make_mesh(cfg.dp, cfg.fsdp)), ms)

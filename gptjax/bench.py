@@ -122,7 +122,7 @@ def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile
     model_cfg = cfg.model_config(vocab_size)
     optimizer = make_optimizer(cfg, mesh)
     state, shardings = create_train_state(model_cfg, optimizer, mesh, cfg.seed)
-    kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
+    kernels = autotune.for_run(cfg, model_cfg, mesh)
     train_step, _ = jit_steps(model_cfg, kernels, optimizer, lr_schedule(cfg), shardings, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     batch = tuple(jax.device_put(a, batch_sharding) for a in (tokens[..., :-1], tokens[..., 1:]))

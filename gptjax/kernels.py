@@ -107,8 +107,8 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
     operand; docs/benchmarks.md). Row blocks only where each program sees one device's arrays.
     Elsewhere: cuDNN attention where it applies, else XLA's; XLA's products and reductions.
     Dropout stays with the global program under "auto": its masks then do not depend on how the
-    batch is split. dot_library "auto" is XLA's default here; `for_run` puts in what was measured
-    on this host (gptjax.autotune)."""
+    batch is split. dot_library "auto" is XLA's default here; `autotune.for_run` puts in what was
+    measured on this host."""
     for name, value, allowed in (("attention", attention, ATTENTION), ("matmul", matmul, MATMUL),
                                  ("grad_reduce", grad_reduce, GRAD_REDUCE), ("dot_library", dot_library, DOT_LIBRARIES)):
         if value not in allowed:
@@ -144,24 +144,11 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
 
 def for_run(cfg, model_cfg, mesh: Mesh) -> Kernels:
     """The kernels of a training run on `mesh`: its TrainConfig's kernel fields, for its model
-    (the GPTConfig it trains, which may be a checkpoint's). On a CPU, dot_library "auto" is the
-    library recorded as fastest on this host for the run's train step (gptjax.autotune: `python -m
-    gptjax.bench CONFIG [--key=value ...] --tune` measures it), else XLA's default; a run over
-    several processes takes XLA's default unless it names a library."""
-    kernels = choose(mesh.devices.flat, dtype=model_cfg.dtype, head_size=model_cfg.head_size, mesh=mesh,
-                     dropout=model_cfg.dropout, attention=cfg.attention, matmul=cfg.matmul,
-                     grad_reduce=cfg.grad_reduce, dot_library=cfg.dot_library)
-    if cfg.dot_library != "auto" or mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1:
-        return kernels  # several hosts would each take their own record: XLA's default, the same on all
-    from gptjax import autotune
-
-    verdict = autotune.recorded(autotune.run_key(cfg, model_cfg, rows_per_device(cfg, mesh), mesh.size))
-    return kernels if verdict is None else with_dot_library(kernels, verdict["dot_library"])
-
-
-def rows_per_device(cfg, mesh: Mesh) -> int:
-    """Token rows of one micro-batch on one device: the M of the run's Dense products."""
-    return cfg.batch_size * cfg.block_size // mesh.size
+    (the GPTConfig it trains, which may be a checkpoint's). dot_library "auto" is XLA's default
+    here; `autotune.for_run` puts in what was measured on this host."""
+    return choose(mesh.devices.flat, dtype=model_cfg.dtype, head_size=model_cfg.head_size, mesh=mesh,
+                  dropout=model_cfg.dropout, attention=cfg.attention, matmul=cfg.matmul,
+                  grad_reduce=cfg.grad_reduce, dot_library=cfg.dot_library)
 
 
 def with_dot_library(kernels: Kernels, dot_library: str) -> Kernels:

@@ -20,7 +20,7 @@ import numpy as np
 from gptjax import config as config_lib
 from gptjax import cpu
 from gptjax import data as data_lib
-from gptjax import kernels as kernels_lib
+from gptjax import autotune
 from gptjax import paths, perf, prepare
 from gptjax import sharding
 from gptjax.checkpoint import Checkpointer, check_model_matches, check_state_matches, model_meta, write_json
@@ -222,7 +222,7 @@ def _setup(cfg: TrainConfig, mesh, lock: OutDirLock | None) -> Run:
         from gptjax import harness  # lm-eval: only for runs that evaluate tasks
 
         tasks = harness.TrainingTasks(cfg, model_cfg, meta)
-    kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
+    kernels = autotune.for_run(cfg, model_cfg, mesh)
     train_step, eval_step = jit_steps(model_cfg, kernels, optimizer, lr_schedule(cfg), shardings, mesh)
     if jax.process_index() == 0 and not cfg.eval_only:  # an evaluation leaves out_dir as it was
         out_dir = paths.resolve(cfg.out_dir)

@@ -96,7 +96,7 @@ def test_bench_tune_records_the_faster_dot_library_for_this_host(tmp_path, monke
     """`python -m gptjax.bench ... --tune`, as a user runs it (in a process of its own: XLA's oneDNN
     path ends the process it cannot build a program in), records the faster library for the run
     that config describes, and that run takes it."""
-    from gptjax import autotune, kernels
+    from gptjax import autotune
     from gptjax.config import parse_args
     from gptjax.sharding import make_mesh
 
@@ -111,11 +111,11 @@ def test_bench_tune_records_the_faster_dot_library_for_this_host(tmp_path, monke
     ms = {r["variant"].split("=")[1]: r["ms_per_iter"] for r in rows[1:]}
     cfg = parse_args(TINY)
     mesh = make_mesh(cfg.dp, cfg.fsdp)
-    verdict = autotune.recorded(autotune.run_key(cfg, cfg.model_config(64), kernels.rows_per_device(cfg, mesh), mesh.size))
+    verdict = autotune.recorded(autotune.run_key(cfg, cfg.model_config(64), mesh))
     assert verdict["ms_per_step"] == pytest.approx(ms, abs=1e-3)
     faster = "onednn" if ms["onednn"] < (1 - autotune.MARGIN) * ms["xla"] else "xla"
     assert verdict["dot_library"] == faster
-    assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == faster
+    assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == faster
     assert "recorded for this host and model" in child.stderr
 
 

@@ -119,28 +119,28 @@ def test_the_train_step_compiles_for_the_chosen_dot_library():
         assert "ynn_fusion" in eval_text and "onednn_fusion" not in eval_text
 
 
-def test_for_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatch):
+def test_a_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatch):
     from gptjax import autotune
     from gptjax.config import TrainConfig
 
     monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path))
     cfg = TrainConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=64)
     mesh = make_mesh()
-    key = autotune.run_key(cfg, cfg.model_config(64), kernels.rows_per_device(cfg, mesh), mesh.size)
-    assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"  # nothing measured
+    key = autotune.run_key(cfg, cfg.model_config(64), mesh)
+    assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"  # nothing measured
     assert autotune.record_verdict(key, {"xla": 10.0, "onednn": 9.7})["dot_library"] == "xla"  # within the margin
-    assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
+    assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
     assert autotune.record_verdict(key, {"xla": 10.0, "onednn": 8.0})["dot_library"] == "onednn"
-    chosen = kernels.for_run(cfg, cfg.model_config(64), mesh)
+    chosen = autotune.for_run(cfg, cfg.model_config(64), mesh)
     assert (chosen.dot_library, chosen.row_blocks) == ("onednn", False)
     # another width is another verdict; a named library is taken as it is
     wider = dataclasses.replace(cfg, n_embd=64)
-    assert kernels.for_run(wider, wider.model_config(64), mesh).dot_library == "xla"
+    assert autotune.for_run(wider, wider.model_config(64), mesh).dot_library == "xla"
     named = dataclasses.replace(cfg, dot_library="xla")
-    assert kernels.for_run(named, named.model_config(64), mesh).dot_library == "xla"
+    assert autotune.for_run(named, named.model_config(64), mesh).dot_library == "xla"
     (tmp_path / "autotune.json").write_text("{not json")
     with pytest.warns(UserWarning, match="delete it and measure again"):
-        assert kernels.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
+        assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
 
 
 def plain_batch():
