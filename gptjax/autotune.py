@@ -29,7 +29,7 @@ import jax
 from jax.sharding import Mesh
 
 from gptjax import kernels as kernels_lib
-from gptjax import paths
+from gptjax import paths, sharding
 from gptjax.kernels import Kernels
 from gptjax.perf import cpu_model
 
@@ -56,12 +56,13 @@ def rows_per_device(cfg, mesh: Mesh) -> int:
 
 def run_key(cfg, model_cfg, mesh: Mesh) -> str:
     """What a verdict holds for: this host's CPU and jaxlib, the devices, and the train step it was
-    measured on (the model as built, the rows of its products, accumulation and optimizer), so a
-    run takes only a verdict measured on its own program."""
+    measured on (the model as built, the rows of its products, accumulation, optimizer and the
+    other kernel choices), so a run takes only a verdict measured on its own program."""
     rows = rows_per_device(cfg, mesh)
     program = {"model": dataclasses.asdict(model_cfg), "rows_per_device": rows,
                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "optimizer": cfg.optimizer,
-               "grad_clip": cfg.grad_clip > 0}
+               "grad_clip": cfg.grad_clip > 0, "mesh": dict(mesh.shape),
+               "kernels": [cfg.attention, cfg.matmul, cfg.grad_reduce]}
     digest = hashlib.sha256(json.dumps(program, sort_keys=True).encode()).hexdigest()[:16]
     m = model_cfg
     return (f"{cpu_model()} | jaxlib {importlib.metadata.version('jaxlib')} | {mesh.size} devices | "
@@ -113,8 +114,6 @@ def record_verdict(key: str, ms_per_step: dict[str, float]) -> dict:
 def record_from_rows(cfg, vocab_size: int, rows) -> dict:
     """Record the verdict of `python -m gptjax.bench CONFIG --tune`'s rows (gptjax.bench.Row, one
     per `--dot_library=NAME` variant, timed in alternating rounds) for the run `cfg` describes."""
-    from gptjax import sharding
-
     if jax.devices()[0].platform != "cpu":
         raise ValueError(f"--tune measures XLA's CPU dot libraries; this run is on {jax.devices()[0].platform}")
     ms = {r.variant.split("=", 1)[1]: r.ms_per_iter for r in rows if r.variant.startswith("--dot_library=")}

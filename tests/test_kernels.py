@@ -136,6 +136,8 @@ def test_a_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatc
     # another width is another verdict; a named library is taken as it is
     wider = dataclasses.replace(cfg, n_embd=64)
     assert autotune.for_run(wider, wider.model_config(64), mesh).dot_library == "xla"
+    other_attention = dataclasses.replace(cfg, attention="xla")  # another program: not vetted by that verdict
+    assert autotune.for_run(other_attention, other_attention.model_config(64), mesh).dot_library == "xla"
     named = dataclasses.replace(cfg, dot_library="xla")
     assert autotune.for_run(named, named.model_config(64), mesh).dot_library == "xla"
     (tmp_path / "autotune.json").write_text("{not json")
