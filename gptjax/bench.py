@@ -329,9 +329,9 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     cfg = config_lib.parse_args(rest)
     if args.steps < 0 or args.rounds < 1:
         raise ValueError(f"--steps={args.steps} --rounds={args.rounds}: give --steps >= 0 and --rounds >= 1")
-    if args.steps == 0 and (not args.sample or args.vs or args.profile):
+    if args.steps == 0 and (not args.sample or args.vs or args.tune or args.profile):
         raise ValueError("--steps=0 times no train step: it is for sampling alone (give --sample=N; "
-                         "--vs and --profile time train steps)")
+                         "--vs, --tune and --profile time train steps)")
     if args.tune:
         args.vs += [f"--dot_library={name}" for name in kernels_lib.DOT_LIBRARIES[1:]]
     if args.compare == "torch":

@@ -69,6 +69,7 @@ def test_bench_sampling_rows_alone_against_torch(tmp_path, capsys):
 @pytest.mark.parametrize("flags, problem", [
     (["--steps=0"], "--steps=0 times no train step"),
     (["--steps=0", "--sample=4", "--vs=--attention=plain"], "--steps=0 times no train step"),
+    (["--steps=0", "--sample=4", "--tune"], "--steps=0 times no train step"),
     (["--steps=-1"], "give --steps >= 0"),
     (["--rounds=0"], "--rounds >= 1"),
 ])
