@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from gptjax.kernels import ONEDNN_DOTS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -39,12 +41,7 @@ SHAPES = [
     ("shakespeare_char mlp.c_proj x^T@dy", 1536, 8192, 384, "tn"),
 ]
 # XLA's CPU compiler options that send the dots to each library (per compile)
-LIBRARIES = {
-    "YNNPACK": {},
-    "oneDNN": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
-               "xla_cpu_experimental_ynn_fusion_type": ""},
-    "Eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
-}
+LIBRARIES = {"YNNPACK": {}, "oneDNN": ONEDNN_DOTS, "Eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 PRODUCTS = {"nn": lambda a, b: a @ b, "nt": lambda a, b: a @ b.T, "tn": lambda a, b: a.T @ b}
 
 

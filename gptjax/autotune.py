@@ -42,11 +42,11 @@ def for_run(cfg, model_cfg, mesh: Mesh) -> Kernels:
     gptjax.bench CONFIG [--key=value ...] --tune` measures it), else XLA's default. A run over
     several processes keeps XLA's default unless it names a library: each host would take its own
     record."""
-    kernels = kernels_lib.for_run(cfg, model_cfg, mesh)
-    if cfg.dot_library != "auto" or mesh.devices.flat[0].platform != "cpu" or jax.process_count() > 1:
-        return kernels
-    verdict = recorded(run_key(cfg, model_cfg, mesh))
-    return kernels if verdict is None else kernels_lib.with_dot_library(kernels, verdict["dot_library"])
+    if cfg.dot_library == "auto" and mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1:
+        verdict = recorded(run_key(cfg, model_cfg, mesh))
+        if verdict is not None:
+            cfg = dataclasses.replace(cfg, dot_library=verdict["dot_library"])  # chosen as if named
+    return kernels_lib.for_run(cfg, model_cfg, mesh)
 
 
 def rows_per_device(cfg, mesh: Mesh) -> int:
@@ -114,7 +114,5 @@ def record_verdict(key: str, ms_per_step: dict[str, float]) -> dict:
 def record_from_rows(cfg, vocab_size: int, rows) -> dict:
     """Record the verdict of `python -m gptjax.bench CONFIG --tune`'s rows (gptjax.bench.Row, one
     per `--dot_library=NAME` variant, timed in alternating rounds) for the run `cfg` describes."""
-    if jax.devices()[0].platform != "cpu":
-        raise ValueError(f"--tune measures XLA's CPU dot libraries; this run is on {jax.devices()[0].platform}")
     ms = {r.variant.split("=", 1)[1]: r.ms_per_iter for r in rows if r.variant.startswith("--dot_library=")}
     return record_verdict(run_key(cfg, cfg.model_config(vocab_size), sharding.make_mesh(cfg.dp, cfg.fsdp)), ms)

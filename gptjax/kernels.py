@@ -151,12 +151,6 @@ def for_run(cfg, model_cfg, mesh: Mesh) -> Kernels:
                   grad_reduce=cfg.grad_reduce, dot_library=cfg.dot_library)
 
 
-def with_dot_library(kernels: Kernels, dot_library: str) -> Kernels:
-    """`kernels` with another dot library (row blocks are for XLA's own, as `choose` sets them)."""
-    return dataclasses.replace(kernels, dot_library=dot_library,
-                               row_blocks=kernels.row_blocks and dot_library == "xla")
-
-
 def for_inference(cfg, device=None, attention: str = "auto") -> Kernels:
     """The kernels for sampling or evaluating a model (GPTConfig) on one device."""
     device = device or jax.devices()[0]
