@@ -56,13 +56,15 @@ def rows_per_device(cfg, mesh: Mesh) -> int:
 
 def run_key(cfg, model_cfg, mesh: Mesh) -> str:
     """What a verdict holds for: this host's CPU and jaxlib, the devices, and the train step it was
-    measured on (the model as built, the rows of its products, accumulation, optimizer and the
-    other kernel choices), so a run takes only a verdict measured on its own program."""
+    measured on (the model as built, the rows of its products, accumulation, optimizer, the other
+    kernel choices and oneDNN's compiler options), so a run takes only a verdict measured on its
+    own program."""
     rows = rows_per_device(cfg, mesh)
     program = {"model": dataclasses.asdict(model_cfg), "rows_per_device": rows,
                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "optimizer": cfg.optimizer,
                "grad_clip": cfg.grad_clip > 0, "mesh": dict(mesh.shape),
-               "kernels": [cfg.attention, cfg.matmul, cfg.grad_reduce]}
+               "kernels": [cfg.attention, cfg.matmul, cfg.grad_reduce],
+               "onednn_options": kernels_lib.ONEDNN_DOTS}  # a verdict holds for the options it measured
     digest = hashlib.sha256(json.dumps(program, sort_keys=True).encode()).hexdigest()[:16]
     m = model_cfg
     return (f"{cpu_model()} | jaxlib {importlib.metadata.version('jaxlib')} | {mesh.size} devices | "

@@ -24,9 +24,10 @@ ATTENTION = ("auto", "xla", "cudnn", "plain", "blocked")
 MATMUL = ("auto", "xla", "cpu")
 GRAD_REDUCE = ("auto", "xla", "flat")
 DOT_LIBRARIES = ("auto", "xla", "onednn")
-# XLA's CPU compiler options (per compile) that hand dots to oneDNN instead of YNNPACK
+# XLA's CPU compiler options (per compile) that hand dots to oneDNN instead of YNNPACK. YNNPACK
+# keeps the reductions: without it XLA splits each one into a slow reduce-window (docs/benchmarks.md)
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
-               "xla_cpu_experimental_ynn_fusion_type": ""}
+               "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 

@@ -100,7 +100,8 @@ def test_dot_library_is_chosen_on_the_cpu_only():
 
 def test_the_train_step_compiles_for_the_chosen_dot_library():
     """jit_steps hands the kernels' compiler options to XLA for the train step: oneDNN takes its
-    Dense products; the eval step keeps XLA's own library."""
+    Dense products, YNNPACK keeps its reductions (without it XLA splits them into reduce-windows);
+    the eval step keeps XLA's own library."""
     from gptjax.optim import lr_schedule, make_optimizer
     from gptjax.config import TrainConfig
     from gptjax.step import create_train_state, jit_steps
@@ -110,13 +111,16 @@ def test_the_train_step_compiles_for_the_chosen_dot_library():
     optimizer = make_optimizer(cfg, mesh)
     state, shardings = create_train_state(cfg.model_config(64), optimizer, mesh, 0)
     xy = (jnp.zeros((1, 2, 16), jnp.int32),) * 2
+    reduce_windows = {}
     for library, fusion in (("xla", "ynn_fusion"), ("onednn", "onednn_fusion")):
         k = kernels.choose([CPU], dtype="float32", head_size=16, dot_library=library)
         train_step, eval_step = jit_steps(cfg.model_config(64), k, optimizer, lr_schedule(cfg), shardings, mesh)
         train_text = train_step.lower(state, xy).compile().as_text()
         assert fusion in train_text and ("onednn_fusion" in train_text) == (library == "onednn"), library
+        reduce_windows[library] = train_text.count(" reduce-window(")
         eval_text = eval_step.lower(state.params, xy).compile().as_text()
         assert "ynn_fusion" in eval_text and "onednn_fusion" not in eval_text
+    assert reduce_windows["onednn"] <= reduce_windows["xla"], reduce_windows
 
 
 def test_a_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatch):
