@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from gptjax.kernels import ONEDNN_DOTS
+from gptjax.kernels import EIGEN_DOTS, ONEDNN_DOTS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -41,7 +41,7 @@ SHAPES = [
     ("shakespeare_char mlp.c_proj x^T@dy", 1536, 8192, 384, "tn"),
 ]
 # XLA's CPU compiler options that send the dots to each library (per compile)
-LIBRARIES = {"YNNPACK": {}, "oneDNN": ONEDNN_DOTS, "Eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+LIBRARIES = {"YNNPACK": {}, "oneDNN": ONEDNN_DOTS, "Eigen": EIGEN_DOTS}
 PRODUCTS = {"nn": lambda a, b: a @ b, "nt": lambda a, b: a @ b.T, "tn": lambda a, b: a.T @ b}
 
 

@@ -2,8 +2,8 @@
 run's matrix products to.
 
 Which library multiplies fastest depends on the CPU and the shapes (docs/benchmarks.md, "Intel
-Xeon host"): on one host oneDNN beats YNNPACK, XLA's default, on a 384-wide model's train step and
-loses on a 128-wide one's. `python -m gptjax.bench CONFIG --tune` times the run's own train step
+Xeon host"): on one host oneDNN and Eigen beat YNNPACK, XLA's default, on a 384-wide model's train
+step and lose on a 128-wide one's. `python -m gptjax.bench CONFIG --tune` times the run's own train step
 with each library in alternating rounds and records the verdict here, in gptjax's cache
 (`paths.cache_root()/autotune.json`), keyed by the CPU, jaxlib, the devices and the train step
 measured; a run of that step with `dot_library="auto"` then takes it, so every such run on this
@@ -57,14 +57,14 @@ def rows_per_device(cfg, mesh: Mesh) -> int:
 def run_key(cfg, model_cfg, mesh: Mesh) -> str:
     """What a verdict holds for: this host's CPU and jaxlib, the devices, and the train step it was
     measured on (the model as built, the rows of its products, accumulation, optimizer, the other
-    kernel choices and oneDNN's compiler options), so a run takes only a verdict measured on its
+    kernel choices and the libraries' compiler options), so a run takes only a verdict measured on its
     own program."""
     rows = rows_per_device(cfg, mesh)
     program = {"model": dataclasses.asdict(model_cfg), "rows_per_device": rows,
                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "optimizer": cfg.optimizer,
                "grad_clip": cfg.grad_clip > 0, "mesh": dict(mesh.shape),
                "kernels": [cfg.attention, cfg.matmul, cfg.grad_reduce],
-               "onednn_options": kernels_lib.ONEDNN_DOTS}  # a verdict holds for the options it measured
+               "library_options": kernels_lib.LIBRARY_OPTIONS}  # a verdict holds for the options it measured
     digest = hashlib.sha256(json.dumps(program, sort_keys=True).encode()).hexdigest()[:16]
     m = model_cfg
     return (f"{cpu_model()} | jaxlib {importlib.metadata.version('jaxlib')} | {mesh.size} devices | "

@@ -58,7 +58,7 @@ class TrainConfig(GPTConfig):
     attention: str = "auto"  # auto | xla | cudnn | plain | blocked (CPU)
     matmul: str = "auto"  # auto | xla | cpu (the CPU Dense product)
     grad_reduce: str = "auto"  # auto | xla | flat (one flat all-reduce, CPU data parallelism)
-    dot_library: str = "auto"  # auto (CPU: what `gptjax.bench --tune` recorded for this host, else xla) | xla | onednn
+    dot_library: str = "auto"  # auto (CPU: what `gptjax.bench --tune` recorded for this host, else xla) | xla | onednn | eigen
     # I/O
     out_dir: str = "out"
     eval_interval: int = 2000

@@ -3,10 +3,11 @@ the measurements). `kernels.choose` selects these pieces for CPU runs; any of th
 for by name elsewhere, and each is tested against the plain JAX version it replaces.
 
 - The Dense product (`dense_dot_general`): a Dense layer's weight gradient x^T dy contracts the
-  major dimension of both operands, a dot form XLA's CPU backend leaves to a generic Eigen kernel
-  rather than YNNPACK, which takes only dots whose left operand contracts its minor dimension.
-  The backward pass here first transposes the narrower operand into a real copy (behind an
-  optimization barrier, or XLA folds the transpose back into the dot). Tall products with a short
+  major dimension of both operands, a dot form XLA's CPU backend leaves to Eigen rather than
+  YNNPACK, which takes only dots whose left operand contracts its minor dimension. For YNNPACK
+  (and oneDNN) the backward pass here first transposes the narrower operand into a real copy
+  (behind an optimization barrier, or XLA folds the transpose back into the dot); where Eigen
+  multiplies (`Kernels.dot_library="eigen"`) the dot goes to it as it is. Tall products with a short
   contraction also run faster in row blocks than as one call; that is only done on one device's
   arrays, since a loop over blocks of a partitioned axis would gather it onto every device.
 - Causal attention in query blocks (`blocked_causal_attention`): XLA's CPU backend has no fused
@@ -64,24 +65,27 @@ def _rows_matmul(x_NxK, w, w_contracting: int, row_blocks: bool):
     return y_GxRxD.reshape(x_NxK.shape[:-1] + (w.shape[1 - w_contracting],))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x_NxC, w_CxD, row_blocks: bool = False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(x_NxC, w_CxD, row_blocks: bool = False, transposed_copy: bool = True):
     """x @ w over x's last axis (any leading shape N), with the gradients of x @ w; the weight
-    gradient is computed in the layout XLA's fast CPU kernels take (module docstring)."""
+    gradient is computed in the layout XLA's fast CPU kernels take: through a transposed copy
+    for YNNPACK, as it is for Eigen (module docstring)."""
     return _rows_matmul(x_NxC, w_CxD, 0, row_blocks)
 
 
-def _forward(x_NxC, w_CxD, row_blocks):
+def _forward(x_NxC, w_CxD, row_blocks, transposed_copy):
     return _rows_matmul(x_NxC, w_CxD, 0, row_blocks), (x_NxC, w_CxD)
 
 
-def _backward(row_blocks, residuals, dy_NxD):
+def _backward(row_blocks, transposed_copy, residuals, dy_NxD):
     x_NxC, w_CxD = residuals
     dx_NxC = _rows_matmul(dy_NxD, w_CxD, 1, row_blocks)
     C, D = w_CxD.shape
     x_MxC, dy_MxD = x_NxC.reshape(-1, C), dy_NxD.reshape(-1, D)
     barrier = jax.lax.optimization_barrier
-    if C <= D:  # copy the narrower operand
+    if not transposed_copy:
+        dw_CxD = jnp.matmul(x_MxC.T, dy_MxD)
+    elif C <= D:  # copy the narrower operand
         dw_CxD = jnp.matmul(barrier(x_MxC.T), dy_MxD)
     else:
         dw_CxD = barrier(jnp.matmul(barrier(dy_MxD.T), x_MxC)).T
@@ -92,20 +96,21 @@ matmul.defvjp(_forward, _backward)
 
 
 def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *,
-                       row_blocks: bool):
+                       row_blocks: bool, transposed_copy: bool):
     dense_dims = (((lhs.ndim - 1,), (0,)), ((), ()))
     if rhs.ndim == 2 and dimension_numbers == dense_dims and precision is None and preferred_element_type is None:
-        return matmul(lhs, rhs, row_blocks)
+        return matmul(lhs, rhs, row_blocks, transposed_copy)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
 
 
-def dense_dot_general(row_blocks: bool):
+def dense_dot_general(row_blocks: bool, transposed_copy: bool = True):
     """A `dot_general` for nn.Dense: x (..., C) times kernel (C, D) through `matmul`."""
-    return _DOT_GENERALS[row_blocks]
+    return _DOT_GENERALS[row_blocks, transposed_copy]
 
 
-_DOT_GENERALS = {b: functools.partial(_dense_dot_general, row_blocks=b) for b in (False, True)}
+_DOT_GENERALS = {(b, c): functools.partial(_dense_dot_general, row_blocks=b, transposed_copy=c)
+                 for b in (False, True) for c in (False, True)}
 
 # --- causal attention in query blocks -------------------------------------------------------
 

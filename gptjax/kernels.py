@@ -23,11 +23,14 @@ from gptjax.sharding import DATA_AXES, data_size
 ATTENTION = ("auto", "xla", "cudnn", "plain", "blocked")
 MATMUL = ("auto", "xla", "cpu")
 GRAD_REDUCE = ("auto", "xla", "flat")
-DOT_LIBRARIES = ("auto", "xla", "onednn")
-# XLA's CPU compiler options (per compile) that hand dots to oneDNN instead of YNNPACK. YNNPACK
-# keeps the reductions: without it XLA splits each one into a slow reduce-window (docs/benchmarks.md)
+DOT_LIBRARIES = ("auto", "xla", "onednn", "eigen")
+# XLA's CPU compiler options (per compile) that hand dots to oneDNN, or to Eigen, instead of
+# YNNPACK. YNNPACK keeps the reductions: without it XLA splits each one into a slow reduce-window
+# (docs/benchmarks.md)
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
                "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+LIBRARY_OPTIONS = {"onednn": ONEDNN_DOTS, "eigen": EIGEN_DOTS}
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -45,10 +48,12 @@ class Kernels:
       (gptjax.cpu: each device's gradient in shard_map, one all-reduce of a flat buffer).
     batch_sharding: where activations are pinned to the batch split (None: not pinned).
     dot_library: who multiplies matrices in the train step: "xla" (the backend's default;
-      YNNPACK on a CPU), "onednn" (oneDNN, on a CPU; `compiler_options` says so at its compile).
-      XLA's oneDNN path is experimental and ends the process on some programs (it did on the
-      evaluation step of a model whose train step it runs), so it is used for the train step
-      alone, the program `python -m gptjax.bench --tune` has run before recording it.
+      YNNPACK on a CPU), "onednn" or "eigen" (on a CPU; `compiler_options` says so at its
+      compile). Under "eigen" the CPU Dense product's weight gradient x^T dy goes to Eigen as it
+      is, without the transposed copy YNNPACK needs. XLA's oneDNN path is experimental and ends
+      the process on some programs (it did on the evaluation step of a model whose train step it
+      runs), so a library is used for the train step alone, the program `python -m gptjax.bench
+      --tune` has run before recording it.
     """
 
     attention: str = "xla"
@@ -68,7 +73,8 @@ class Kernels:
     @property
     def compiler_options(self) -> dict | None:
         """XLA compiler options for the train step's compile (jax.jit's)."""
-        return dict(ONEDNN_DOTS) if self.dot_library == "onednn" else None
+        options = LIBRARY_OPTIONS.get(self.dot_library)
+        return None if options is None else dict(options)
 
     def pin_batch(self, x_BxTxC: jax.Array) -> jax.Array:
         """x split on its batch dimension over every device, so that XLA does not spread the
@@ -116,8 +122,8 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
             raise ValueError(f"{name}={value!r} is not one of {allowed}")
     device = devices[0]
     cpu = device.platform == "cpu"
-    if dot_library == "onednn" and not cpu:
-        raise ValueError(f"dot_library='onednn' is for XLA's CPU backend, not {device.platform}: use 'auto' or 'xla'")
+    if dot_library in LIBRARY_OPTIONS and not cpu:
+        raise ValueError(f"dot_library={dot_library!r} is for XLA's CPU backend, not {device.platform}: use 'auto' or 'xla'")
     dot_library = "xla" if dot_library == "auto" else dot_library
     if attention == "auto":
         attention = "blocked" if cpu else fused_attention_impl(dtype, head_size, device)
@@ -137,7 +143,7 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
     per_device = not several or grad_reduce == "flat"
     return Kernels(
         attention=attention, cudnn_fallback=cudnn_fallback, matmul=matmul,
-        # row blocks are YNNPACK's: oneDNN takes a tall product whole at least as fast
+        # row blocks are YNNPACK's: oneDNN and Eigen take a tall product whole at least as fast
         row_blocks=matmul == "cpu" and per_device and dot_library == "xla", grad_reduce=grad_reduce,
         batch_sharding=None if per_device else NamedSharding(mesh, P(DATA_AXES)), dot_library=dot_library,
     )

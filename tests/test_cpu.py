@@ -34,12 +34,13 @@ def _value_and_grads(matmul, x, w, r):
 CASES = [((3, 5, 8), (8, 24)), ((3, 5, 24), (24, 8)), ((2, 7, 16), (16, 16)), ((11, 12), (12, 20))]
 
 
+@pytest.mark.parametrize("transposed_copy", [True, False], ids=["copy", "as-is"])
 @pytest.mark.parametrize("x_shape,w_shape", CASES, ids=lambda c: "x".join(map(str, c)))
-def test_gradients_match_the_plain_product(x_shape, w_shape):
+def test_gradients_match_the_plain_product(x_shape, w_shape, transposed_copy):
     rng = np.random.default_rng(0)
     x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, w_shape))
     r = jnp.asarray(rng.standard_normal(x_shape[:-1] + w_shape[1:]), jnp.float32)
-    value, (dx, dw) = _value_and_grads(cpu.matmul, x, w, r)
+    value, (dx, dw) = _value_and_grads(lambda x, w: cpu.matmul(x, w, False, transposed_copy), x, w, r)
     ref_value, (ref_dx, ref_dw) = _value_and_grads(_plain, x, w, r)
     assert dx.shape == x.shape and dw.shape == w.shape
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
@@ -71,10 +72,14 @@ def _weight_gradient_dots(matmul, C, D, M=384):
 @pytest.mark.parametrize("C,D", [(128, 512), (512, 128)])
 def test_cpu_weight_gradient_contracts_the_minor_dimension(C, D):
     """XLA's own gradient contracts the tokens as the left operand's major dimension (the form its
-    CPU backend sends to Eigen); ours leaves only minor-dimension contractions (YNNPACK's)."""
+    CPU backend sends to Eigen); ours leaves only minor-dimension contractions (YNNPACK's), unless
+    asked to leave the weight gradient to Eigen as it is."""
     assert "0" in _weight_gradient_dots(_plain, C, D)
     ours = _weight_gradient_dots(cpu.matmul, C, D)
     assert ours and "0" not in ours
+    x, w = jnp.ones((384, C), jnp.float32), jnp.ones((C, D), jnp.float32)  # x an argument: not folded
+    as_is = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(cpu.matmul(x, w, False, False))), argnums=1))
+    assert re.findall(r"dot\([^\n]*?lhs_contracting_dims=\{0\}", as_is.lower(x, w).compile().as_text())
 
 
 def test_dense_dot_general_takes_the_custom_gradient_for_dense_products_only():

@@ -4,6 +4,7 @@ for by name on this CPU, computing the plain model's loss and gradients; the GPU
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -92,16 +93,26 @@ def test_dot_library_is_chosen_on_the_cpu_only():
     onednn = kernels.choose([CPU], dtype="float32", head_size=16, dot_library="onednn")
     assert (onednn.dot_library, onednn.row_blocks) == ("onednn", False)  # row blocks are YNNPACK's
     assert onednn.compiler_options["xla_cpu_use_onednn"] and Kernels().compiler_options is None
-    with pytest.raises(ValueError, match="dot_library='onednn' is for XLA's CPU backend, not gpu"):
-        kernels.choose([fake_device()], dtype="bfloat16", head_size=64, dot_library="onednn")
+    eigen = kernels.choose([CPU], dtype="float32", head_size=16, dot_library="eigen")
+    assert (eigen.dot_library, eigen.row_blocks) == ("eigen", False) and "xla_cpu_use_onednn" not in eigen.compiler_options
+    for library in ("onednn", "eigen"):
+        with pytest.raises(ValueError, match=f"dot_library='{library}' is for XLA's CPU backend, not gpu"):
+            kernels.choose([fake_device()], dtype="bfloat16", head_size=64, dot_library=library)
     with pytest.raises(ValueError, match="dot_library='mkl' is not one of"):
         kernels.choose([CPU], dtype="float32", head_size=16, dot_library="mkl")
 
 
+def dots_in_ynn_fusions(hlo: str) -> int:
+    """How many dots of a compiled program's text sit inside YNNPACK's fusions."""
+    bodies = dict(re.findall(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S))
+    called = re.findall(r"= [^\n]* fusion\([^\n]*calls=%?([\w.\-]+)[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
+    return sum(bodies.get(name, "").count(" dot(") for name in called)
+
+
 def test_the_train_step_compiles_for_the_chosen_dot_library():
-    """jit_steps hands the kernels' compiler options to XLA for the train step: oneDNN takes its
-    Dense products, YNNPACK keeps its reductions (without it XLA splits them into reduce-windows);
-    the eval step keeps XLA's own library."""
+    """jit_steps hands the kernels' compiler options to XLA for the train step: oneDNN or Eigen
+    takes its products, YNNPACK keeps its reductions (without it XLA splits them into
+    reduce-windows); the eval step keeps XLA's own library."""
     from gptjax.optim import lr_schedule, make_optimizer
     from gptjax.config import TrainConfig
     from gptjax.step import create_train_state, jit_steps
@@ -112,15 +123,16 @@ def test_the_train_step_compiles_for_the_chosen_dot_library():
     state, shardings = create_train_state(cfg.model_config(64), optimizer, mesh, 0)
     xy = (jnp.zeros((1, 2, 16), jnp.int32),) * 2
     reduce_windows = {}
-    for library, fusion in (("xla", "ynn_fusion"), ("onednn", "onednn_fusion")):
+    for library, fusion in (("xla", "ynn_fusion"), ("onednn", "onednn_fusion"), ("eigen", "ynn_fusion")):
         k = kernels.choose([CPU], dtype="float32", head_size=16, dot_library=library)
         train_step, eval_step = jit_steps(cfg.model_config(64), k, optimizer, lr_schedule(cfg), shardings, mesh)
         train_text = train_step.lower(state, xy).compile().as_text()
         assert fusion in train_text and ("onednn_fusion" in train_text) == (library == "onednn"), library
+        assert (dots_in_ynn_fusions(train_text) > 0) == (library == "xla"), library
         reduce_windows[library] = train_text.count(" reduce-window(")
         eval_text = eval_step.lower(state.params, xy).compile().as_text()
         assert "ynn_fusion" in eval_text and "onednn_fusion" not in eval_text
-    assert reduce_windows["onednn"] <= reduce_windows["xla"], reduce_windows
+    assert max(reduce_windows["onednn"], reduce_windows["eigen"]) <= reduce_windows["xla"], reduce_windows
 
 
 def test_a_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatch):
@@ -188,7 +200,8 @@ def check_matches_plain_model(chosen, batch, reference):
     Kernels(attention="blocked"),
     Kernels(attention="xla", matmul="cpu"),
     Kernels(attention="blocked", matmul="cpu", row_blocks=True),  # the CPU default
-], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}")
+    Kernels(attention="blocked", matmul="cpu", dot_library="eigen"),  # weight gradients without the copy
+], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}-{k.dot_library}")
 def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
     check_matches_plain_model(chosen, batch, reference)
 
