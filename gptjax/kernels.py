@@ -143,7 +143,7 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
     per_device = not several or grad_reduce == "flat"
     return Kernels(
         attention=attention, cudnn_fallback=cudnn_fallback, matmul=matmul,
-        # row blocks are YNNPACK's: oneDNN and Eigen take a tall product whole at least as fast
+        # row blocks are YNNPACK's (oneDNN takes a tall product whole at least as fast; Eigen was measured whole)
         row_blocks=matmul == "cpu" and per_device and dot_library == "xla", grad_reduce=grad_reduce,
         batch_sharding=None if per_device else NamedSharding(mesh, P(DATA_AXES)), dot_library=dot_library,
     )
