@@ -76,6 +76,12 @@ class Kernels:
         options = LIBRARY_OPTIONS.get(self.dot_library)
         return None if options is None else dict(options)
 
+    @property
+    def transposed_copy(self) -> bool:
+        """Whether the CPU Dense product copies an operand transposed for its weight gradient:
+        YNNPACK (and oneDNN) need it, Eigen takes x^T dy as it is."""
+        return self.dot_library != "eigen"
+
     def pin_batch(self, x_BxTxC: jax.Array) -> jax.Array:
         """x split on its batch dimension over every device, so that XLA does not spread the
         fsdp weights' layout into the activations (and move them back in every layer); batches

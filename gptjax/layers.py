@@ -24,7 +24,7 @@ POS_EMBEDDINGS = ("learned", "rotary")
 def dense(features: int, cfg, kernels: Kernels, std: float, name: str) -> nn.Dense:
     """A Dense layer, kernel (in, out) as HF's Conv1D, initialised N(0, std) (std 0: zeros)."""
     extra = {} if kernels.matmul == "xla" else {
-        "dot_general": cpu.dense_dot_general(kernels.row_blocks, transposed_copy=kernels.dot_library != "eigen")}
+        "dot_general": cpu.dense_dot_general(kernels.row_blocks, kernels.transposed_copy)}
     return nn.Dense(
         features,
         use_bias=cfg.bias,
