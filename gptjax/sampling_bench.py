@@ -16,11 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gptjax import kernels as kernels_lib
-from gptjax.bench import Row, _torch_setup, say, torch_device
+from gptjax.bench import Row, say
 from gptjax.config import TrainConfig
 from gptjax.generate import Sampling, _check, generate, generate_stream, sample_logits
 from gptjax.kernels import Kernels
 from gptjax.model import GPT, GPTConfig, init_params
+from gptjax.torch_bench import torch_device, torch_setup
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -165,7 +166,7 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
                             hf["tokens_per_s"], float("nan"), hf["warm_s"]))
 
         device = torch_device()
-        torch, autocast = _torch_setup(cfg, device)
+        torch, autocast = torch_setup(cfg, device)
         torch.manual_seed(cfg.seed)
         model = torch_ref.GPT(torch_ref.GPTConfig(
             block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gptjax import bench
+from gptjax import bench, torch_bench
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=64", "--dataset=none"]
@@ -136,13 +136,13 @@ def test_torch_rows_run_where_gptjax_runs_and_need_cuda_on_a_gpu():
 
     from gptjax.config import parse_args
 
-    assert bench.torch_device() == "cpu"
+    assert torch_bench.torch_device() == "cpu"
     cfg = parse_args(TINY)
     tokens = np.zeros((2, 4, 17), np.int32)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="this PyTorch has no CUDA"):
-            bench.torch_runner(cfg, tokens, 64, compile=False, device="cuda")
-    runner = bench.torch_runner(cfg, tokens, 64, compile=False, device="cpu")
+            torch_bench.torch_runner(cfg, tokens, 64, compile=False, device="cuda")
+    runner = torch_bench.torch_runner(cfg, tokens, 64, compile=False, device="cpu")
     assert runner.impl == "torch" and runner.run(2) > 0
 
 
