@@ -48,7 +48,8 @@ class Checkpointer:
         # removes the temporary directories of saves that a killed run left unfinished.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, cleanup_tmp_directories=writer)
         self.directory = checkpoint_dir(out_dir)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers={"state": _state_handler(), "meta": ocp.JsonCheckpointHandler()})
         self._saving: int | None = None  # step of the save in flight, for error messages
         self._failed = False  # a save failed and its error was raised
 
@@ -64,7 +65,7 @@ class Checkpointer:
         with self._save_errors():
             self.manager.save(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
                 force=True,
             )
 
@@ -100,8 +101,9 @@ class Checkpointer:
                                            per_layer, sharding.state_shardings(per_layer, mesh))
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, saved)
         try:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
             restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
             )
         except Exception as err:  # tensorstore raises bare Exceptions for unreadable data
             raise ValueError(
@@ -144,6 +146,21 @@ class Checkpointer:
             return
         self.wait()
         self.manager.close()
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The train state's handler: orbax's, except that one process writes each replicated array
+    whole. Orbax's default (replica-parallel saving) has each replica write a slice of an array held
+    by several devices, which pays when the replicas sit on different hosts; in one process it only
+    costs eager slices of every array at every save, each compiled at the first (~0.7 s for the CPU
+    recipe's state on two devices). A checkpoint reads back the same either way."""
+    scalars = ocp.type_handlers.ScalarHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (int, scalars), (float, scalars), (np.number, scalars),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def complete_steps(directory: str | os.PathLike) -> list[int]:

@@ -151,7 +151,7 @@ def test_gcsfs_and_tensorstore_write_to_the_emulator(here):
     state = {"w": jax.numpy.arange(6.0).reshape(2, 3)}
     import orbax.checkpoint as ocp
 
-    ckpt.manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({})))
+    ckpt.manager.save(3, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave({})))
     ckpt.close()
     objects = emulator.objects("probe/checkpoints/3/")
     assert "probe/checkpoints/3/commit_success.txt" in objects
