@@ -152,8 +152,8 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     """The train state's handler: orbax's, except that one process writes each replicated array
     whole. Orbax's default (replica-parallel saving) has each replica write a slice of an array held
     by several devices, which pays when the replicas sit on different hosts; in one process it only
-    costs eager slices of every array at every save, each compiled at the first (~0.7 s for the CPU
-    recipe's state on two devices). A checkpoint reads back the same either way."""
+    costs eager slices of every array at every save, each compiled at the first (docs/benchmarks.md,
+    "Log"). A checkpoint reads back the same either way."""
     scalars = ocp.type_handlers.ScalarHandler()
     registry = ocp.type_handlers.create_type_handler_registry(
         (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)),
