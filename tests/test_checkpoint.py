@@ -5,6 +5,7 @@ own checkpoints read back with orbax's standard handler too."""
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -74,22 +75,18 @@ def test_its_checkpoint_reads_back_with_orbaxs_standard_handler(tmp_path):
 SAVE_ON_TWO_DEVICES = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    sys.path.insert(0, sys.argv[2])
     import jax
-    from gptjax import sharding
     from gptjax.checkpoint import Checkpointer
-    from gptjax.config import TrainConfig
-    from gptjax.optim import make_optimizer
-    from gptjax.step import create_train_state
+    from test_checkpoint import _meta, _state
 
-    cfg = TrainConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=64)
-    mesh = sharding.make_mesh()
-    assert mesh.size == 2
-    state, _ = create_train_state(cfg.model_config(64), make_optimizer(cfg, mesh), mesh, seed=0)
+    state = _state()
+    assert jax.device_count() == 2
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, secs, **kw: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
     checkpointer = Checkpointer(sys.argv[1], writer=True)
-    checkpointer.save(1, state, {"iter_num": 1, "model": {}})
+    checkpointer.save(1, state, _meta(1))
     checkpointer.close()
     print(len(compiles))
 """)
@@ -99,7 +96,7 @@ SAVE_ON_TWO_DEVICES = textwrap.dedent("""
 def test_saving_a_state_replicated_on_two_devices_compiles_nothing(tmp_path):
     # Orbax's replica-parallel saving would slice each replicated array between the two devices,
     # with eager slices compiled at the first save (one per array shape here).
-    out = subprocess.run([sys.executable, "-c", SAVE_ON_TWO_DEVICES, str(tmp_path)], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", SAVE_ON_TWO_DEVICES, str(tmp_path), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "0"
