@@ -8,10 +8,10 @@ import textwrap
 from pathlib import Path
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from _trees import assert_trees_equal
 from gptjax.checkpoint import Checkpointer, checkpoint_dir
 from gptjax.optim import make_optimizer
 from gptjax.config import TrainConfig
@@ -37,11 +37,6 @@ def _meta(step):
     return {"iter_num": step, "best_val_loss": 1.0, "model": {"n_layer": CFG.n_layer}}
 
 
-def _assert_same(a, b):
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def _standard_manager(out_dir):
     return ocp.CheckpointManager(checkpoint_dir(out_dir), options=ocp.CheckpointManagerOptions(create=False),
                                  item_names=("state", "meta"))
@@ -55,7 +50,7 @@ def test_restores_a_checkpoint_of_orbaxs_standard_handler(tmp_path):
     manager.close()
     restored, meta = Checkpointer(tmp_path).restore(_abstract(state))
     assert meta["iter_num"] == 7
-    _assert_same(restored, state)
+    assert_trees_equal(restored, state)
 
 
 def test_its_checkpoint_reads_back_with_orbaxs_standard_handler(tmp_path):
@@ -64,12 +59,12 @@ def test_its_checkpoint_reads_back_with_orbaxs_standard_handler(tmp_path):
     checkpointer.save(5, state, _meta(5))
     checkpointer.close()
     restored, meta = Checkpointer(tmp_path).restore(_abstract(state))
-    _assert_same(restored, state)
+    assert_trees_equal(restored, state)
     manager = _standard_manager(tmp_path)
     target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _abstract(state))
     standard = manager.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     manager.close()
-    _assert_same(standard, state)
+    assert_trees_equal(standard, state)
 
 
 SAVE_ON_TWO_DEVICES = textwrap.dedent("""

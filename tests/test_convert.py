@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _trees import assert_trees_equal
 from gptjax import convert, crosscheck, weights
 from gptjax.model import GPT, GPTConfig
 
@@ -45,12 +46,6 @@ def torch_logits(model, idx):
 
 def tokens(B, T, V, seed=0):
     return np.random.default_rng(seed).integers(0, V, size=(B, T))
-
-
-def assert_trees_equal(a, b):
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 def nanogpt_model(bias=True, vocab_size=64, seed=0):

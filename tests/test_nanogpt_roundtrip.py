@@ -20,6 +20,7 @@ import optax
 import pytest
 
 from _compile_cache import session_compile_cache
+from _trees import assert_trees_equal
 from gptjax import checkpoint, config as config_lib, crosscheck, data, export, sample, weights
 from gptjax.checkpoint import load_inference
 from gptjax.optim import lr_schedule, make_optimizer
@@ -217,7 +218,7 @@ def test_a_run_directory_is_taken_wherever_a_checkpoint_is(run_dir, clone, tmp_p
     params, cfg, _ = load_inference(run_dir)
     loaded = weights.load(run_dir)
     assert loaded.kind == "gptjax" and loaded.iter_num == 300 and loaded.meta == data.load_meta(run_dir)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params, params)
+    assert_trees_equal(loaded.params, params)
     assert crosscheck.main([str(run_dir)]) == 0
     assert "gptjax run vs nanoGPT's GPT" in capsys.readouterr().out
     result = train(tiny(clone / "data" / "shakespeare_char", tmp_path / "tuned", init_from=str(run_dir),
