@@ -20,10 +20,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
-import os
 import time
-import warnings
-from pathlib import Path
 
 import jax
 from jax.sharding import Mesh
@@ -71,35 +68,12 @@ def run_key(cfg, model_cfg, mesh: Mesh) -> str:
             f"n_layer {m.n_layer} n_embd {m.n_embd} block_size {m.block_size}, {rows} rows | {digest}")
 
 
-def _record_path() -> Path:
-    return paths.cache_root() / "autotune.json"
-
-
-def _records() -> dict:
-    path = _record_path()
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # a cache: an unreadable one costs the choice, not the run
-        warnings.warn(f"ignoring the kernel choices in {path} ({err}); delete it and measure again with "
-                      "python -m gptjax.bench CONFIG --tune")
-        return {}
+RECORDS = "autotune.json"  # in gptjax's cache
 
 
 def recorded(key: str) -> dict | None:
     """The verdict measured on this host for `key` ({"dot_library": ..., "ms_per_step": {...}}), or None."""
-    return _records().get(key)
-
-
-def _record(key: str, verdict: dict) -> None:
-    path = _record_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    records = _records()
-    records[key] = verdict
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
-    os.replace(tmp, path)  # atomic: a reader sees the old records or the new ones
+    return paths.cache_records(RECORDS, "measure again with python -m gptjax.bench CONFIG --tune").get(key)
 
 
 def record_verdict(key: str, ms_per_step: dict[str, float]) -> dict:
@@ -109,7 +83,7 @@ def record_verdict(key: str, ms_per_step: dict[str, float]) -> dict:
     choice = best if ms_per_step[best] < (1 - MARGIN) * ms_per_step["xla"] else "xla"
     verdict = {"dot_library": choice, "ms_per_step": {k: round(v, 3) for k, v in ms_per_step.items()},
                "measured": time.strftime("%Y-%m-%d")}
-    _record(key, verdict)
+    paths.record_in_cache(RECORDS, key, verdict)
     return verdict
 
 

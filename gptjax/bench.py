@@ -33,7 +33,7 @@ from gptjax.model import flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax import cpu
 from gptjax import kernels as kernels_lib
-from gptjax.perf import device_peak_flops, host_description
+from gptjax.perf import device_peak_flops, host_description, keep_peak_flops
 from gptjax.step import create_train_state, jit_steps
 
 TRAIN_IMPLS = ("gptjax", "torch", "torch-compile")
@@ -246,7 +246,7 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch", args.rounds)
     if args.tune:
         say(f"recorded for this host and model: {autotune.record_from_rows(cfg, vocab_size, rows)}")
-    peak, source = device_peak_flops()
+    peak, source = keep_peak_flops(*device_peak_flops())
     host = host_description(("jax", "jaxlib", "flax", "optax") + (("torch", "transformers") if args.compare else ()))
     print(f"host: {host}\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
     print(format_table(rows))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from gptjax import paths
 from gptjax.config import TrainConfig
-from gptjax.perf import device_peak_flops, mfu
+from gptjax.perf import mfu, recorded_peak_flops
 
 
 class MetricsWriteError(OSError):
@@ -77,7 +77,7 @@ class MetricsLogger:
                 events = out_dir / "tensorboard"  # on a bucket: a local copy, uploaded as metrics.jsonl is
                 self.events_copy = None if isinstance(events, Path) else paths.DirectoryCopy(events)
                 self.tensorboard = EventFileWriter(str(events if self.events_copy is None else self.events_copy.local))
-        device_peak_flops()  # measure the CPU peak now, not in the middle of the timed loop
+        self.peak_flops, _ = recorded_peak_flops()  # before the timed loop, not in it
         if cfg.wandb_log:
             try:
                 import wandb
@@ -124,7 +124,7 @@ class MetricsLogger:
         postfix = f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}"
         if dt is not None:  # the first step after start or an eval has no step time
             record.update(dt_ms=dt * 1e3, tokens_per_s=self.cfg.tokens_per_iter / dt,
-                          mfu=mfu(self.flops_per_iter, dt))
+                          mfu=mfu(self.flops_per_iter, dt, peak=self.peak_flops))
             postfix += (f" {record['dt_ms']:.1f}ms {record['tokens_per_s']:,.0f}tok/s "
                         f"mfu {record['mfu'] * 100:.1f}%")
         self.bar.set_postfix_str(postfix, refresh=False)

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -129,6 +130,29 @@ def cache_root() -> Path:
     if os.environ.get("GPTJAX_CACHE_DIR"):
         return Path(os.environ["GPTJAX_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptjax"
+
+
+def cache_records(name: str, remedy: str) -> dict:
+    """The records (a JSON object) kept in cache_root()/name, {} if there are none. An unreadable
+    file is a lost cache, not an error: a warning says so, with `remedy` (how it is rebuilt)."""
+    path = cache_root() / name
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        warnings.warn(f"ignoring {path} ({err}); delete it and {remedy}")
+        return {}
+
+
+def record_in_cache(name: str, key: str, value) -> None:
+    """Set `key` to `value` among the records of cache_root()/name, rewritten whole and atomically:
+    a reader sees the old records or the new ones. An unreadable file is replaced."""
+    path = cache_root() / name
+    records = _read_json(path) if path.exists() else None
+    records = {**records, key: value} if isinstance(records, dict) else {key: value}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, json.dumps(records, indent=1, sort_keys=True).encode())
 
 
 def local_copy(url: str, what: str = "file") -> Path:

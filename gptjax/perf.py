@@ -6,13 +6,17 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from gptjax import paths
 
 # Dense peak FLOP/s per device (bf16 tensor cores / MXU; dense, no sparsity), from vendor sheets.
 # TPU figures are per chip; JAX shows v2/v3 chips as two devices (one per core), hence the halves.
@@ -79,9 +83,45 @@ def device_peak_flops(device_kind: str | None = None, platform: str | None = Non
     return float("nan"), f"unknown device {device_kind!r}"
 
 
-def mfu(flops_per_iter: float, seconds_per_iter: float, n_devices: int | None = None) -> float:
-    """Model FLOPs utilisation of one training iteration over the devices used."""
-    peak, _ = device_peak_flops()
+PEAK_RECORDS = "peak_flops.json"  # in gptjax's cache
+
+
+@functools.lru_cache(maxsize=None)
+def recorded_peak_flops() -> tuple[float, str]:
+    """device_peak_flops() for a run's progress display: on a CPU, the rate an earlier process on
+    this host measured (kept in gptjax's cache, keyed by CPU, cores, devices and jaxlib), measured
+    and kept now if none did. Measuring takes about a second, which every training run would
+    otherwise spend before its first step; benchmarks measure afresh and keep their figure too."""
+    device = jax.devices()[0]
+    if device.platform != "cpu" or _known_peak(device.device_kind) is not None:
+        return device_peak_flops()
+    record = paths.cache_records(PEAK_RECORDS, "it is measured again").get(_peak_key())
+    if record is not None:
+        return record["flops"], f"measured float32 matmul, {record['measured']}"
+    return keep_peak_flops(*device_peak_flops())
+
+
+def keep_peak_flops(peak: float, source: str) -> tuple[float, str]:
+    """Keep a CPU peak just measured (device_peak_flops) as this host's, for recorded_peak_flops."""
+    if jax.devices()[0].platform == "cpu" and math.isfinite(peak):
+        try:
+            paths.record_in_cache(PEAK_RECORDS, _peak_key(), {"flops": peak, "measured": time.strftime("%Y-%m-%d")})
+        except OSError as err:  # a full or read-only cache costs the next run a measurement, not this run
+            warnings.warn(f"could not keep the measured peak FLOP/s in gptjax's cache: {err}")
+    return peak, source
+
+
+def _peak_key() -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu_model()} | {cores} cores | {jax.local_device_count()} devices | "
+            f"jaxlib {importlib.metadata.version('jaxlib')}")
+
+
+def mfu(flops_per_iter: float, seconds_per_iter: float, n_devices: int | None = None,
+        peak: float | None = None) -> float:
+    """Model FLOPs utilisation of one training iteration over the devices used, against `peak`
+    FLOP/s per device (default device_peak_flops())."""
+    peak = device_peak_flops()[0] if peak is None else peak
     if jax.devices()[0].platform == "cpu":
         n_devices = 1  # the measured CPU peak already covers every core
     n_devices = n_devices or jax.device_count()
@@ -116,13 +156,11 @@ def enable_compilation_cache() -> str | None:
     when set, else jax/ in gptjax's cache (`paths.cache_root()`: ~/.cache/gptjax by default);
     GPTJAX_COMPILATION_CACHE=0 turns it off. Programs that compile in under 0.2 s are not kept,
     unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. Returns the directory (None: off)."""
-    from gptjax.paths import cache_root
-
     if os.environ.get("GPTJAX_COMPILATION_CACHE", "1") == "0":
         return None
     if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, or a caller's own choice
         return jax.config.jax_compilation_cache_dir
-    directory = cache_root() / "jax"
+    directory = paths.cache_root() / "jax"
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_BYTES)
     # the evaluation and sampling loops compile in well under JAX's default threshold of 1 s

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from gptjax import bench, torch_bench
+from gptjax import bench, perf, torch_bench
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=4",
         "--gradient_accumulation_steps=2", "--vocab_size=64", "--dataset=none"]
@@ -119,6 +119,8 @@ def test_bench_tune_records_the_faster_dot_library_for_this_host(tmp_path, monke
     assert verdict["dot_library"] == faster
     assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == faster
     assert "recorded for this host and model" in child.stderr
+    (kept,) = json.loads((tmp_path / perf.PEAK_RECORDS).read_text()).values()  # the peak, for later runs' MFU
+    assert kept["flops"] == pytest.approx(json.loads(out.read_text())["peak_flops"])
 
 
 def test_bench_variant_may_not_change_the_batch(capsys):
