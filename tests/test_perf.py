@@ -58,3 +58,10 @@ def test_an_unreadable_record_is_measured_again_with_a_warning(measurements, tmp
 def test_mfu_is_against_the_peak_given(measurements):
     assert perf.mfu(50e9, 1.0, peak=100e9) == pytest.approx(0.5)
     assert not measurements, "mfu measured a peak it was given"
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_run(measurements, monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("GPTJAX_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    with pytest.warns(UserWarning, match="could not keep the measured peak"):
+        assert perf.recorded_peak_flops()[0] == MEASURED + 1
