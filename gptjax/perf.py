@@ -1,5 +1,6 @@
-"""Device peak FLOP/s for MFU (a table for known accelerators, a measured matmul rate on CPU), the
-host a benchmark ran on, and the persistent compilation cache the command-line tools share."""
+"""Device peak FLOP/s for MFU (a table for known accelerators, a measured matmul rate on CPU, kept
+per host for training runs), the host a benchmark ran on, and the persistent compilation cache the
+command-line tools share."""
 
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def recorded_peak_flops() -> tuple[float, str]:
     if device.platform != "cpu" or _known_peak(device.device_kind) is not None:
         return device_peak_flops()
     record = paths.cache_records(PEAK_RECORDS, "it is measured again").get(_peak_key())
-    if record is not None:
-        return record["flops"], f"measured float32 matmul, {record['measured']}"
+    if isinstance(record, dict) and isinstance(record.get("flops"), float):
+        return record["flops"], f"measured float32 matmul, {record.get('measured', 'earlier')}"
     return keep_peak_flops(*device_peak_flops())
 
 

@@ -53,6 +53,9 @@ def test_an_unreadable_record_is_measured_again_with_a_warning(measurements, tmp
     with pytest.warns(UserWarning, match="delete it and it is measured again"):
         assert perf.recorded_peak_flops()[0] == MEASURED + 1
     assert json.loads((tmp_path / perf.PEAK_RECORDS).read_text()), "the record was not written again"
+    forget_in_memory()  # a record without a figure is measured again too
+    (tmp_path / perf.PEAK_RECORDS).write_text(json.dumps({perf._peak_key(): {"measured": "2026-01-01"}}))
+    assert perf.recorded_peak_flops()[0] == MEASURED + 2
 
 
 def test_mfu_is_against_the_peak_given(measurements):
