@@ -149,7 +149,7 @@ def record_in_cache(name: str, key: str, value) -> None:
     """Set `key` to `value` among the records of cache_root()/name, rewritten whole and atomically:
     a reader sees the old records or the new ones. An unreadable file is replaced."""
     path = cache_root() / name
-    records = _read_json(path) if path.exists() else None
+    records = _read_json(path)  # None when missing or unreadable
     records = {**records, key: value} if isinstance(records, dict) else {key: value}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, json.dumps(records, indent=1, sort_keys=True).encode())
