@@ -33,7 +33,7 @@ from gptjax.model import flops_per_token, num_params
 from gptjax.optim import lr_schedule, make_optimizer
 from gptjax import cpu
 from gptjax import kernels as kernels_lib
-from gptjax.perf import device_peak_flops, host_description, keep_peak_flops
+from gptjax.perf import device_peak_flops, host_description, keep_peak_flops, mfu
 from gptjax.step import create_train_state, jit_steps
 
 TRAIN_IMPLS = ("gptjax", "torch", "torch-compile")
@@ -109,7 +109,7 @@ def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int
     for r, r_times in zip(runners, times):
         dt = float(np.median(r_times))
         mem = _peak_mem_mb() if r.impl == "gptjax" else None
-        rows.append(Row(r.impl, name, dt * 1e3, cfg.tokens_per_iter / dt, _mfu(r.flops_per_iter, dt), r.compile_s, mem,
+        rows.append(Row(r.impl, name, dt * 1e3, cfg.tokens_per_iter / dt, mfu(r.flops_per_iter, dt), r.compile_s, mem,
                         variant=r.variant, flops_per_s=r.flops_per_iter / dt))
     return rows
 
@@ -159,12 +159,6 @@ def _peak_mem_mb() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**20
-
-
-def _mfu(flops_per_iter: float, dt: float) -> float:
-    peak, _ = device_peak_flops()
-    n = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
-    return flops_per_iter / dt / (peak * n)
 
 
 def _flops(rate: float) -> str:
