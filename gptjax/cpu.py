@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from gptjax.attention import Dropout, attend_prefix
+from gptjax.perf import usable_cores
 from gptjax.sharding import DATA_AXES
 
 # --- the Dense product ---------------------------------------------------------------------
@@ -185,8 +186,7 @@ def split_devices(batch_size: int, max_devices: int = 8, dp: int = -1, fsdp: int
         count = dp * fsdp  # batch divisibility is checked at set-up, with the fix in its message
     else:
         if requested is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            limit = min(cores, max_devices)
+            limit = min(usable_cores(), max_devices)
         else:
             limit = int(requested)
         axis = max(dp, fsdp, 1)  # the size of the axis that is not -1

@@ -113,8 +113,7 @@ def keep_peak_flops(peak: float, source: str) -> tuple[float, str]:
 
 
 def _peak_key() -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu_model()} | {cores} cores | {jax.local_device_count()} devices | "
+    return (f"{cpu_model()} | {usable_cores()} cores | {jax.local_device_count()} devices | "
             f"jaxlib {importlib.metadata.version('jaxlib')}")
 
 
@@ -136,6 +135,11 @@ def cpu_model() -> str:
     lines = info.read_text().splitlines() if info.is_file() else []
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return names[0] if names else platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def host_description(packages=("jax", "jaxlib", "flax", "optax")) -> str:
