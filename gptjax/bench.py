@@ -3,8 +3,9 @@
 nanoGPT's bench.py, extended: times the jitted train step after warm-up (ms/iter, tokens/s, model
 FLOP/s, MFU, compile time, peak memory) and, with --compare torch, the same model, config and
 batch in nanoGPT's PyTorch architecture (eager and torch.compile), in rounds that alternate with
-gptjax's in the same run, then sampling tokens/s with the KV cache vs full recomputation. Prints a
-table and the ratios. `--vs "--key=value ..."` (repeatable) adds gptjax rows with those overrides
+gptjax's in the same run, then sampling tokens/s with the KV cache vs full recomputation (and, with
+--compare torch, nanoGPT's and transformers' generate), its runs too taking turns. Prints a table
+and the ratios. `--vs "--key=value ..."` (repeatable) adds gptjax rows with those overrides
 to the same alternating rounds: an A/B of a setting in one process; `--tune` is that A/B of the
 dot libraries on a CPU, whose verdict runs of the config then take (gptjax.autotune).
 """
@@ -199,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=config_lib.help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps per round, after warm-up (0: no train-step rows, only --sample's)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation (sampling: each row the median of this many runs)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per implementation (sampling too: its runs take turns, each row the median of its runs)")
     parser.add_argument("--compare", choices=["torch"], help="also time nanoGPT's PyTorch model")
     parser.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--sample", type=int, default=0, metavar="N", help="also time sampling N new tokens")

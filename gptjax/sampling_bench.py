@@ -57,14 +57,51 @@ def generate_recompute(
     return ctx_BxT[:, T0:]
 
 
-def median_seconds(run: Callable[[], object], rounds: int) -> float:
-    """The median wall-clock seconds of `rounds` calls of run()."""
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def alternating_seconds(runs: dict[str, Callable[[], object]], rounds: int,
+                        before: Callable[[str, int], None] = lambda name, r: None) -> dict[str, float]:
+    """The median wall-clock seconds of each run over `rounds` rounds in which the runs take turns
+    (in reverse order every other round), so that the host's drift during a benchmark falls on
+    each of them alike. before(name, round): called before each run."""
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            before(name, r)
+            start = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(s)) for name, s in seconds.items()}
+
+
+def _prompt(batch: int, prompt_len: int, vocab_size: int) -> np.ndarray:
+    """The benchmarks' random prompt tokens (B, T), the same for every implementation."""
+    return np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, vocab_size))
+
+
+def _cache_run(cfg: GPTConfig, params, prompt_BxT: np.ndarray, key, new_tokens: int, kernels: Kernels,
+               **kw) -> tuple[Callable[[], object], float]:
+    """(a run of `generate` on the KV cache, seconds to compile its loop first)."""
+    t0 = time.perf_counter()  # the cached loop, run for the prefill and one cached step
+    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=2, kernels=kernels, **kw))
+    compile_s = time.perf_counter() - t0
+    return (lambda: jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw)),
+            compile_s)
+
+
+def _recompute_run(cfg: GPTConfig, params, prompt_BxT: np.ndarray, key, new_tokens: int, kernels: Kernels,
+                   bucket: int, progress: bool, **kw) -> tuple[Callable[[], object], float]:
+    """(a run of `generate_recompute`, seconds to compile it for every context width it will meet)."""
+    t0 = time.perf_counter()
+    _, _, sampling = _check(cfg, prompt_BxT, new_tokens, kw["temperature"], kw["top_k"], None, None, None)
+    model = GPT(cfg, kernels)
+    prompt_len = min(prompt_BxT.shape[1], cfg.block_size)
+    widths = sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
+                     for t in range(new_tokens)})
+    for W in tqdm(widths, desc="compiling recompute widths", disable=not progress, file=sys.stderr):
+        ctx_BxW = np.zeros((prompt_BxT.shape[0], W), np.int32)
+        jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, model=model))
+    compile_s = time.perf_counter() - t0
+    return (lambda: generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress,
+                                       kernels=kernels, **kw), compile_s)
 
 
 def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
@@ -72,50 +109,38 @@ def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int,
                        progress: Callable[[str], None] | None = None, recompute: bool = True,
                        rounds: int = 1) -> dict:
     """Tokens/s of `generate` (KV cache) and, with `recompute`, `generate_recompute` (nanoGPT)
-    after compiling both (compile seconds reported apart), each the median of `rounds` runs.
-    params=None: random weights (speed does not depend on them). progress: called with a line
-    naming each phase, which also turns on progress bars."""
+    after compiling both (compile seconds reported apart), each the median of `rounds` runs taken
+    in turns. params=None: random weights (speed does not depend on them). progress: called with a
+    line naming each phase, which also turns on progress bars."""
     say = progress or (lambda message: None)
     params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
     kernels = kernels_lib.for_inference(cfg)
-    model = GPT(cfg, kernels)
-    prompt_BxT = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, cfg.vocab_size))
+    prompt_BxT = _prompt(batch, prompt_len, cfg.vocab_size)
     key = jax.random.PRNGKey(2)
     kw = dict(temperature=temperature, top_k=top_k)
-
-    say(f"sampling {new_tokens} tokens at batch {batch}: compiling gptjax's KV-cache loop")
-    t0 = time.perf_counter()  # compile: the cached loop, run for the prefill and one cached step
-    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=2, kernels=kernels, **kw))
-    cache_compile_s = time.perf_counter() - t0
-    say(f"sampling {new_tokens} tokens at batch {batch}: gptjax KV cache (one compiled loop), {rounds} rounds")
-    cache_s = median_seconds(
-        lambda: jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw)), rounds)
+    names = {"cache": f"sampling {new_tokens} tokens at batch {batch}: gptjax KV cache (one compiled loop)",
+             "recompute": f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)"}
+    say(f"{names['cache']}: compiling")
+    cache_run, cache_compile_s = _cache_run(cfg, params, prompt_BxT, key, new_tokens, kernels, **kw)
+    runs, result = {"cache": cache_run}, dict(cache_compile_s=cache_compile_s)
+    if recompute:
+        say(f"{names['recompute']}: compiling")
+        runs["recompute"], result["recompute_compile_s"] = _recompute_run(
+            cfg, params, prompt_BxT, key, new_tokens, kernels, bucket, progress is not None, **kw)
+    seconds = alternating_seconds(runs, rounds, lambda run, r: say(f"{names[run]}, round {r + 1}/{rounds}"))
     n = batch * new_tokens
-    result = dict(cache_tokens_per_s=n / cache_s, cache_s=cache_s, cache_compile_s=cache_compile_s)
-    if not recompute:
-        return result
-    t0 = time.perf_counter()  # the reference: once per context width it will meet
-    _, _, sampling = _check(cfg, prompt_BxT, new_tokens, temperature, top_k, None, None, None)
-    prompt_len = min(prompt_len, cfg.block_size)
-    widths = sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
-                     for t in range(new_tokens)})
-    for W in tqdm(widths, desc="compiling recompute widths", disable=progress is None, file=sys.stderr):
-        ctx_BxW = np.zeros((batch, W), np.int32)
-        jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, model=model))
-    recompute_compile_s = time.perf_counter() - t0
-    say(f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm), {rounds} rounds")
-    recompute_s = median_seconds(
-        lambda: generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket,
-                                   progress=progress is not None, kernels=kernels, **kw), rounds)
-    return {**result, "recompute_tokens_per_s": n / recompute_s, "speedup": recompute_s / cache_s,
-            "recompute_s": recompute_s, "recompute_compile_s": recompute_compile_s}
+    result.update(cache_tokens_per_s=n / seconds["cache"], cache_s=seconds["cache"])
+    if recompute:
+        result.update(recompute_tokens_per_s=n / seconds["recompute"], recompute_s=seconds["recompute"],
+                      speedup=seconds["recompute"] / seconds["cache"])
+    return result
 
 
-def hf_generate(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float = 0.8, top_k: int = 200,
-                rounds: int = 1) -> dict:
-    """Tokens/s of transformers' GPT2LMHeadModel.generate with its KV cache (PyTorch, CPU threads as
-    it sets them), on a random model of cfg's size, sampling as gptjax's rows do; the median of
-    `rounds` runs after a warm-up."""
+def _hf_run(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float = 0.8,
+            top_k: int = 200) -> tuple[Callable[[], object], float]:
+    """(a run of transformers' GPT2LMHeadModel.generate with its KV cache (PyTorch, CPU threads as it
+    sets them) on a random model of cfg's size, sampling as gptjax's rows do; seconds of its
+    warm-up)."""
     import torch
     import transformers
 
@@ -124,69 +149,83 @@ def hf_generate(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float 
     model = transformers.GPT2LMHeadModel(hf_cfg).eval()
     idx = torch.zeros((batch, 1), dtype=torch.long)
     kw = dict(do_sample=True, temperature=temperature, top_k=top_k, use_cache=True, pad_token_id=0)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        model.generate(idx, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up
-        warm_s = time.perf_counter() - t0
 
-        def run():
-            out = model.generate(idx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            assert out.shape == (batch, new_tokens + 1), out.shape
+    def run(max_new_tokens=new_tokens):
+        with torch.inference_mode():
+            out = model.generate(idx, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **kw)
+        assert out.shape == (batch, max_new_tokens + 1), out.shape
 
-        dt = median_seconds(run, rounds)
-    return dict(tokens_per_s=batch * new_tokens / dt, warm_s=warm_s)
+    t0 = time.perf_counter()
+    run(8)
+    return run, time.perf_counter() - t0
+
+
+def _nanogpt_run(cfg: TrainConfig, vocab_size: int, new_tokens: int) -> Callable[[], object]:
+    """A run of nanoGPT's own `generate` (full recomputation) at batch 1, from a warmed-up model."""
+    from gptjax import torch_ref
+
+    device = torch_device()
+    torch, autocast = torch_setup(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = torch_ref.GPT(torch_ref.GPTConfig(
+        block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval().to(device)
+
+    def run():
+        idx = torch.zeros((1, 1), dtype=torch.long, device=device)
+        with autocast, tqdm(total=new_tokens, desc="torch recompute", unit="tok", file=sys.stderr) as bar:
+            # in chunks for the progress bar: generate continues from the context it is given, so
+            # this samples as one call would
+            while bar.n < new_tokens:
+                chunk = min(max(new_tokens // 20, 1), new_tokens - bar.n)
+                idx = model.generate(idx, chunk, top_k=200)
+                bar.update(chunk)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with autocast:
+        model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 8)  # warm-up
+    return run
 
 
 def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool,
                    rounds: int = 1) -> list[Row]:
     """Tokens/s of generated tokens at batch 1: KV cache vs full recomputation (and PyTorch's); with
-    compare_torch also at batch 8 against transformers' generate. Each row is the median of
-    `rounds` runs, gptjax's all before PyTorch is imported."""
+    compare_torch also at batch 8 against transformers' generate. Every run is compiled or warmed
+    up first, then all take turns for `rounds` rounds; each row is the median of its runs."""
     model_cfg = cfg.model_config(vocab_size)
     params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
-    result = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=1, progress=say,
-                                rounds=rounds)
-    rows = [
-        Row("gptjax-sample-cache", name, 1e3 / result["cache_tokens_per_s"], result["cache_tokens_per_s"],
-            float("nan"), result.get("cache_compile_s", float("nan"))),
-        Row("gptjax-sample-recompute", name, 1e3 / result["recompute_tokens_per_s"],
-            result["recompute_tokens_per_s"], float("nan"), result.get("recompute_compile_s", float("nan"))),
-    ]
+    kernels = kernels_lib.for_inference(model_cfg)
+    key = jax.random.PRNGKey(2)
+    kw = dict(temperature=0.8, top_k=200)
+    impls = {  # row name: (what it runs, batch)
+        "gptjax-sample-cache": (" at batch 1: gptjax KV cache (one compiled loop)", 1),
+        "gptjax-sample-recompute": (": gptjax full recomputation (nanoGPT's algorithm)", 1),
+    }
     if compare_torch:
-        from gptjax import torch_ref
-
-        batched = benchmark_sampling(model_cfg, params, prompt_len=1, new_tokens=new_tokens, batch=8, progress=say,
-                                     recompute=False, rounds=rounds)
-        rows.append(Row("gptjax-sample-cache-b8", name, 1e3 / batched["cache_tokens_per_s"],
-                        batched["cache_tokens_per_s"], float("nan"), batched["cache_compile_s"]))
-        for batch in (1, 8):
-            say(f"sampling {new_tokens} tokens at batch {batch}: transformers' generate with its KV cache")
-            hf = hf_generate(model_cfg, batch, new_tokens, rounds=rounds)
-            rows.append(Row("hf-generate" + ("-b8" if batch == 8 else ""), name, 1e3 / hf["tokens_per_s"],
-                            hf["tokens_per_s"], float("nan"), hf["warm_s"]))
-
-        device = torch_device()
-        torch, autocast = torch_setup(cfg, device)
-        torch.manual_seed(cfg.seed)
-        model = torch_ref.GPT(torch_ref.GPTConfig(
-            block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).eval().to(device)
-
-        def nanogpt_generate():
-            idx = torch.zeros((1, 1), dtype=torch.long, device=device)
-            with tqdm(total=new_tokens, desc="torch recompute", unit="tok", file=sys.stderr) as bar:
-                # in chunks for the progress bar: generate continues from the context it is given,
-                # so this samples as one call would
-                while bar.n < new_tokens:
-                    chunk = min(max(new_tokens // 20, 1), new_tokens - bar.n)
-                    idx = model.generate(idx, chunk, top_k=200)
-                    bar.update(chunk)
-            if device == "cuda":
-                torch.cuda.synchronize()
-
-        say(f"sampling {new_tokens} tokens: PyTorch (nanoGPT's generate, full recomputation), {rounds} rounds")
-        with autocast:
-            model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 8)  # warm-up
-            dt = median_seconds(nanogpt_generate, rounds) / new_tokens
-        rows.append(Row("torch-sample-recompute", name, dt * 1e3, 1 / dt, float("nan"), 0.0))
+        impls.update({
+            "gptjax-sample-cache-b8": (" at batch 8: gptjax KV cache (one compiled loop)", 8),
+            "hf-generate": (" at batch 1: transformers' generate with its KV cache", 1),
+            "hf-generate-b8": (" at batch 8: transformers' generate with its KV cache", 8),
+            "torch-sample-recompute": (": PyTorch (nanoGPT's generate, full recomputation)", 1),
+        })
+    runs, warm_s = {}, {}
+    for impl, (what, batch) in impls.items():
+        say(f"sampling {new_tokens} tokens{what}: compiling or warming up")
+        prompt_BxT = _prompt(batch, 1, vocab_size)
+        if impl.startswith("gptjax-sample-cache"):
+            runs[impl], warm_s[impl] = _cache_run(model_cfg, params, prompt_BxT, key, new_tokens, kernels, **kw)
+        elif impl == "gptjax-sample-recompute":
+            runs[impl], warm_s[impl] = _recompute_run(model_cfg, params, prompt_BxT, key, new_tokens, kernels,
+                                                      bucket=16, progress=True, **kw)
+        elif impl.startswith("hf-generate"):
+            runs[impl], warm_s[impl] = _hf_run(model_cfg, batch, new_tokens, **kw)
+        else:
+            runs[impl], warm_s[impl] = _nanogpt_run(cfg, vocab_size, new_tokens), 0.0
+    seconds = alternating_seconds(
+        runs, rounds, lambda impl, r: say(f"sampling {new_tokens} tokens{impls[impl][0]}, round {r + 1}/{rounds}"))
+    rows = []
+    for impl, (_, batch) in impls.items():
+        tokens_per_s = batch * new_tokens / seconds[impl]
+        rows.append(Row(impl, name, 1e3 / tokens_per_s, tokens_per_s, float("nan"), warm_s[impl]))
     return rows

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,6 +65,19 @@ def test_bench_sampling_rows_alone_against_torch(tmp_path, capsys):
                   ": PyTorch (nanoGPT's generate", " at batch 8: transformers' generate with its KV cache"):
         assert f"sampling 12 tokens{phase}" in progress
     assert "12/12" in progress and "torch recompute" in progress
+
+
+def test_sampling_runs_take_turns_and_each_keeps_its_median():
+    from gptjax.sampling_bench import alternating_seconds
+
+    order, seen, naps = [], [], iter([0.15, 0.01, 0.05])
+    runs = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    runs["c"] = lambda: (order.append("c"), time.sleep(next(naps)))
+    seconds = alternating_seconds(runs, 3, lambda name, r: seen.append((name, r)))
+    # reversed every other round, so no run always follows the same one
+    assert order == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert seen == [(name, r) for r, names in enumerate(["abc", "cba", "abc"]) for name in names]
+    assert set(seconds) == {"a", "b", "c"} and 0.05 <= seconds["c"] < 0.15  # the middle of its three
 
 
 @pytest.mark.parametrize("flags, problem", [
