@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,36 +72,54 @@ def alternating_seconds(runs: dict[str, Callable[[], object]], rounds: int,
     return {name: float(np.median(s)) for name, s in seconds.items()}
 
 
-def _prompt(batch: int, prompt_len: int, vocab_size: int) -> np.ndarray:
-    """The benchmarks' random prompt tokens (B, T), the same for every implementation."""
-    return np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, vocab_size))
+class Timed(NamedTuple):
+    """One row's run, ready to be timed: compiled or warmed up already."""
+
+    run: Callable[[], object]
+    warm_s: float  # seconds its compilation or warm-up took
+    label: str  # what it times, for the progress lines
+    batch: int
 
 
-def _cache_run(cfg: GPTConfig, params, prompt_BxT: np.ndarray, key, new_tokens: int, kernels: Kernels,
-               **kw) -> tuple[Callable[[], object], float]:
-    """(a run of `generate` on the KV cache, seconds to compile its loop first)."""
-    t0 = time.perf_counter()  # the cached loop, run for the prefill and one cached step
-    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=2, kernels=kernels, **kw))
-    compile_s = time.perf_counter() - t0
-    return (lambda: jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw)),
-            compile_s)
-
-
-def _recompute_run(cfg: GPTConfig, params, prompt_BxT: np.ndarray, key, new_tokens: int, kernels: Kernels,
-                   bucket: int, progress: bool, **kw) -> tuple[Callable[[], object], float]:
-    """(a run of `generate_recompute`, seconds to compile it for every context width it will meet)."""
+def _gptjax_runs(cfg: GPTConfig, params, batch: int, prompt_len: int, new_tokens: int, recompute: bool,
+                 say: Callable[[str], None], progress: bool, temperature: float = 0.8, top_k: int | None = 200,
+                 bucket: int = 16) -> dict[str, Timed]:
+    """{'cache': `generate` on the KV cache[, 'recompute': `generate_recompute`]} on one random
+    prompt, each compiled first: the cache for its prefill and a cached step, the recomputation for
+    every context width it will meet. progress: progress bars for the token-by-token loop."""
+    kernels = kernels_lib.for_inference(cfg)
+    prompt_BxT = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (batch, prompt_len), 0, cfg.vocab_size))
+    key = jax.random.PRNGKey(2)
+    kw = dict(temperature=temperature, top_k=top_k)
+    label = f"sampling {new_tokens} tokens at batch {batch}: gptjax KV cache (one compiled loop)"
+    say(f"{label}: compiling")
     t0 = time.perf_counter()
-    _, _, sampling = _check(cfg, prompt_BxT, new_tokens, kw["temperature"], kw["top_k"], None, None, None)
+    next(generate_stream(params, cfg, prompt_BxT, key, new_tokens, chunk_size=2, kernels=kernels, **kw))
+    runs = {"cache": Timed(
+        lambda: jax.block_until_ready(generate(params, cfg, prompt_BxT, key, new_tokens, kernels=kernels, **kw)),
+        time.perf_counter() - t0, label, batch)}
+    if not recompute:
+        return runs
+    label = f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)"
+    say(f"{label}: compiling")
+    t0 = time.perf_counter()
+    _, _, sampling = _check(cfg, prompt_BxT, new_tokens, temperature, top_k, None, None, None)
     model = GPT(cfg, kernels)
-    prompt_len = min(prompt_BxT.shape[1], cfg.block_size)
-    widths = sorted({_bucket_width(min(prompt_len + t, cfg.block_size), bucket, cfg.block_size)
-                     for t in range(new_tokens)})
+    first = min(prompt_len, cfg.block_size)
+    widths = sorted({_bucket_width(min(first + t, cfg.block_size), bucket, cfg.block_size) for t in range(new_tokens)})
     for W in tqdm(widths, desc="compiling recompute widths", disable=not progress, file=sys.stderr):
-        ctx_BxW = np.zeros((prompt_BxT.shape[0], W), np.int32)
+        ctx_BxW = np.zeros((batch, W), np.int32)
         jax.block_until_ready(_recompute_step(params, ctx_BxW, W - 1, key, sampling, model=model))
-    compile_s = time.perf_counter() - t0
-    return (lambda: generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress,
-                                       kernels=kernels, **kw), compile_s)
+    runs["recompute"] = Timed(
+        lambda: generate_recompute(params, cfg, prompt_BxT, key, new_tokens, bucket=bucket, progress=progress,
+                                   kernels=kernels, **kw), time.perf_counter() - t0, label, batch)
+    return runs
+
+
+def _time_in_turns(timed: dict[str, Timed], rounds: int, say: Callable[[str], None]) -> dict[str, float]:
+    """alternating_seconds of the runs, each named on the progress line as it starts."""
+    return alternating_seconds({name: t.run for name, t in timed.items()}, rounds,
+                               lambda name, r: say(f"{timed[name].label}, round {r + 1}/{rounds}"))
 
 
 def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int, batch: int,
@@ -114,33 +132,24 @@ def benchmark_sampling(cfg: GPTConfig, params, prompt_len: int, new_tokens: int,
     line naming each phase, which also turns on progress bars."""
     say = progress or (lambda message: None)
     params = init_params(cfg, jax.random.PRNGKey(0)) if params is None else params
-    kernels = kernels_lib.for_inference(cfg)
-    prompt_BxT = _prompt(batch, prompt_len, cfg.vocab_size)
-    key = jax.random.PRNGKey(2)
-    kw = dict(temperature=temperature, top_k=top_k)
-    names = {"cache": f"sampling {new_tokens} tokens at batch {batch}: gptjax KV cache (one compiled loop)",
-             "recompute": f"sampling {new_tokens} tokens: gptjax full recomputation (nanoGPT's algorithm)"}
-    say(f"{names['cache']}: compiling")
-    cache_run, cache_compile_s = _cache_run(cfg, params, prompt_BxT, key, new_tokens, kernels, **kw)
-    runs, result = {"cache": cache_run}, dict(cache_compile_s=cache_compile_s)
-    if recompute:
-        say(f"{names['recompute']}: compiling")
-        runs["recompute"], result["recompute_compile_s"] = _recompute_run(
-            cfg, params, prompt_BxT, key, new_tokens, kernels, bucket, progress is not None, **kw)
-    seconds = alternating_seconds(runs, rounds, lambda run, r: say(f"{names[run]}, round {r + 1}/{rounds}"))
+    runs = _gptjax_runs(cfg, params, batch, prompt_len, new_tokens, recompute, say, progress is not None,
+                        temperature, top_k, bucket)
+    seconds = _time_in_turns(runs, rounds, say)
     n = batch * new_tokens
-    result.update(cache_tokens_per_s=n / seconds["cache"], cache_s=seconds["cache"])
+    result = dict(cache_tokens_per_s=n / seconds["cache"], cache_s=seconds["cache"],
+                  cache_compile_s=runs["cache"].warm_s)
     if recompute:
         result.update(recompute_tokens_per_s=n / seconds["recompute"], recompute_s=seconds["recompute"],
-                      speedup=seconds["recompute"] / seconds["cache"])
+                      recompute_compile_s=runs["recompute"].warm_s, speedup=seconds["recompute"] / seconds["cache"])
     return result
 
 
-def _hf_run(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float = 0.8,
-            top_k: int = 200) -> tuple[Callable[[], object], float]:
-    """(a run of transformers' GPT2LMHeadModel.generate with its KV cache (PyTorch, CPU threads as it
-    sets them) on a random model of cfg's size, sampling as gptjax's rows do; seconds of its
-    warm-up)."""
+def _hf_run(cfg: GPTConfig, batch: int, new_tokens: int, say: Callable[[str], None], temperature: float = 0.8,
+            top_k: int = 200) -> Timed:
+    """transformers' GPT2LMHeadModel.generate with its KV cache (PyTorch, CPU threads as it sets
+    them) on a random model of cfg's size, sampling as gptjax's rows do, warmed up."""
+    label = f"sampling {new_tokens} tokens at batch {batch}: transformers' generate with its KV cache"
+    say(f"{label}: warming up")
     import torch
     import transformers
 
@@ -157,12 +166,15 @@ def _hf_run(cfg: GPTConfig, batch: int, new_tokens: int, temperature: float = 0.
 
     t0 = time.perf_counter()
     run(8)
-    return run, time.perf_counter() - t0
+    return Timed(run, time.perf_counter() - t0, label, batch)
 
 
-def _nanogpt_run(cfg: TrainConfig, vocab_size: int, new_tokens: int) -> Callable[[], object]:
-    """A run of nanoGPT's own `generate` (full recomputation) at batch 1, from a warmed-up model."""
+def _nanogpt_run(cfg: TrainConfig, vocab_size: int, new_tokens: int, say: Callable[[str], None]) -> Timed:
+    """nanoGPT's own `generate` (full recomputation) at batch 1, warmed up."""
     from gptjax import torch_ref
+
+    label = f"sampling {new_tokens} tokens: PyTorch (nanoGPT's generate, full recomputation)"
+    say(f"{label}: warming up")
 
     device = torch_device()
     torch, autocast = torch_setup(cfg, device)
@@ -185,7 +197,7 @@ def _nanogpt_run(cfg: TrainConfig, vocab_size: int, new_tokens: int) -> Callable
 
     with autocast:
         model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 8)  # warm-up
-    return run
+    return Timed(run, 0.0, label, 1)
 
 
 def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int, compare_torch: bool,
@@ -195,37 +207,16 @@ def bench_sampling(cfg: TrainConfig, name: str, vocab_size: int, new_tokens: int
     up first, then all take turns for `rounds` rounds; each row is the median of its runs."""
     model_cfg = cfg.model_config(vocab_size)
     params = init_params(model_cfg, jax.random.PRNGKey(cfg.seed))
-    kernels = kernels_lib.for_inference(model_cfg)
-    key = jax.random.PRNGKey(2)
-    kw = dict(temperature=0.8, top_k=200)
-    impls = {  # row name: (what it runs, batch)
-        "gptjax-sample-cache": (" at batch 1: gptjax KV cache (one compiled loop)", 1),
-        "gptjax-sample-recompute": (": gptjax full recomputation (nanoGPT's algorithm)", 1),
-    }
+    one = _gptjax_runs(model_cfg, params, 1, 1, new_tokens, True, say, progress=True)
+    timed = {"gptjax-sample-cache": one["cache"], "gptjax-sample-recompute": one["recompute"]}
     if compare_torch:
-        impls.update({
-            "gptjax-sample-cache-b8": (" at batch 8: gptjax KV cache (one compiled loop)", 8),
-            "hf-generate": (" at batch 1: transformers' generate with its KV cache", 1),
-            "hf-generate-b8": (" at batch 8: transformers' generate with its KV cache", 8),
-            "torch-sample-recompute": (": PyTorch (nanoGPT's generate, full recomputation)", 1),
-        })
-    runs, warm_s = {}, {}
-    for impl, (what, batch) in impls.items():
-        say(f"sampling {new_tokens} tokens{what}: compiling or warming up")
-        prompt_BxT = _prompt(batch, 1, vocab_size)
-        if impl.startswith("gptjax-sample-cache"):
-            runs[impl], warm_s[impl] = _cache_run(model_cfg, params, prompt_BxT, key, new_tokens, kernels, **kw)
-        elif impl == "gptjax-sample-recompute":
-            runs[impl], warm_s[impl] = _recompute_run(model_cfg, params, prompt_BxT, key, new_tokens, kernels,
-                                                      bucket=16, progress=True, **kw)
-        elif impl.startswith("hf-generate"):
-            runs[impl], warm_s[impl] = _hf_run(model_cfg, batch, new_tokens, **kw)
-        else:
-            runs[impl], warm_s[impl] = _nanogpt_run(cfg, vocab_size, new_tokens), 0.0
-    seconds = alternating_seconds(
-        runs, rounds, lambda impl, r: say(f"sampling {new_tokens} tokens{impls[impl][0]}, round {r + 1}/{rounds}"))
+        timed["gptjax-sample-cache-b8"] = _gptjax_runs(model_cfg, params, 8, 1, new_tokens, False, say, True)["cache"]
+        timed["hf-generate"] = _hf_run(model_cfg, 1, new_tokens, say)
+        timed["hf-generate-b8"] = _hf_run(model_cfg, 8, new_tokens, say)
+        timed["torch-sample-recompute"] = _nanogpt_run(cfg, vocab_size, new_tokens, say)
+    seconds = _time_in_turns(timed, rounds, say)
     rows = []
-    for impl, (_, batch) in impls.items():
-        tokens_per_s = batch * new_tokens / seconds[impl]
-        rows.append(Row(impl, name, 1e3 / tokens_per_s, tokens_per_s, float("nan"), warm_s[impl]))
+    for impl, t in timed.items():
+        tokens_per_s = t.batch * new_tokens / seconds[impl]
+        rows.append(Row(impl, name, 1e3 / tokens_per_s, tokens_per_s, float("nan"), t.warm_s))
     return rows
