@@ -51,11 +51,11 @@ def publish(table: str, out: Path) -> None:
     out.write_text(table + "\n")
 
 
-def host() -> str:
-    """CPU model, cores and the libraries' versions, for the line above a table."""
+def host(packages=("jax", "jaxlib", "flax", "optax", "torch")) -> str:
+    """CPU model, cores and the versions of `packages`, for the line above a table."""
     from gptjax.perf import host_description
 
-    return host_description(("jax", "jaxlib", "flax", "optax", "torch"))
+    return host_description(packages)
 
 
 def nanogpt_cpu_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int = 2000) -> dict:

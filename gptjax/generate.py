@@ -110,8 +110,10 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, s: Sampling) -> jax.Arr
     """One token id per row (int32): argmax when temperature is 0, else a draw from filter_logits."""
     greedy = s.temperature == 0  # traced: greedy and sampled runs share one compilation
     logits_BxV = filter_logits(logits_BxV, s.replace(temperature=jnp.where(greedy, 1.0, s.temperature)))
-    sampled_B = jax.random.categorical(key, logits_BxV, axis=-1)
-    return jnp.where(greedy, jnp.argmax(logits_BxV, -1), sampled_B).astype(jnp.int32)
+    # a cond, so that greedy steps skip the draw: its noise over the vocabulary costs as much as
+    # a large share of a decode step
+    return jax.lax.cond(greedy, lambda: jnp.argmax(logits_BxV, -1),
+                        lambda: jax.random.categorical(key, logits_BxV, axis=-1)).astype(jnp.int32)
 
 
 def _window_logits(model: GPT, params, ctx_BxM, L_B, W: int, kv):

@@ -11,9 +11,12 @@ backend request by request, so that the same weights give the same numbers:
 - generate_until: the context's last block_size - max_gen_toks tokens, then greedy (or sampled)
   tokens until every row has produced one of `until` (or GPT-2's end-of-text) or max_gen_toks.
 
-Requests are sorted by length and batched; batches are padded to `batch_size` rows, and their
-length to a power of two (scoring) or to the longest context (generation), so a handful of
-compiled programs serve a whole task.
+Requests are sorted by length and batched; batches are padded to `batch_size` rows (a task's last
+batch less), and their length (the longest window when scoring, the longest prompt when
+generating), each to one of four sizes per doubling, so a handful of compiled programs serve a
+whole task. Scoring applies the head only at the last positions of each row, as many as the
+batch's longest continuation (padded alike): for multiple-choice tasks that is a small share of
+the positions, and the head over GPT-2's vocabulary is the largest product of the forward.
 
 Character-level models (a meta.pkl vocabulary) have no end-of-text token: their prefix token (for
 empty contexts and the first rolling window) is the newline, and generation stops only at `until`.
@@ -45,18 +48,30 @@ GENERATION_CHUNK = 16  # tokens generated between checks for `until`
 SUPPORTED_GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "vocab_limit"))
-def _token_logprobs(params, inp_BxT, tgt_BxT, *, model: GPT, vocab_limit: int):
-    """log p(tgt_t | inp_..t) (B, T) in float32 and whether tgt_t is the argmax, over the first
-    vocab_limit logits (nanoGPT's padded ids are never a token)."""
-    logits_BxTxV = model.apply({"params": params}, inp_BxT).astype(jnp.float32)[..., :vocab_limit]
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-    logp_BxT = jnp.take_along_axis(logp_BxTxV, tgt_BxT[..., None], axis=-1)[..., 0]
-    return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == tgt_BxT
+@functools.partial(jax.jit, static_argnames=("model", "vocab_limit", "greedy"))
+def _token_logprobs(params, inp_BxT, at_BxK, tgt_BxK, *, model: GPT, vocab_limit: int, greedy: bool):
+    """log p(tgt_k | inp_..at_k) (B, K) in float32 at the K positions at_BxK of each row, the head
+    applied only there, and (with `greedy`) whether tgt_k is the argmax, over the first vocab_limit
+    logits (nanoGPT's padded ids are never a token)."""
+    logits_BxKxV = model.apply({"params": params}, inp_BxT, logits_at=at_BxK).astype(jnp.float32)[..., :vocab_limit]
+    max_BxKx1 = jnp.max(logits_BxKxV, axis=-1, keepdims=True)
+    # the sum over the vocabulary as a product with ones: XLA's CPU backend runs a reduction this
+    # long at half the speed of the matrix-vector product, which is as fast as PyTorch's log_softmax
+    sum_BxK = jnp.exp(logits_BxKxV - max_BxKx1) @ jnp.ones((logits_BxKxV.shape[-1],), jnp.float32)
+    tgt_logit_BxKx1 = jnp.take_along_axis(logits_BxKxV, tgt_BxK[..., None], axis=-1)
+    logp_BxK = (tgt_logit_BxKx1 - max_BxKx1)[..., 0] - jnp.log(sum_BxK)
+    return logp_BxK, (jnp.argmax(logits_BxKxV, axis=-1) == tgt_BxK) if greedy else None
+
+
+def _padded(n: int, limit: int, least: int = 1) -> int:
+    """n rounded up to 5/8, 6/8, 7/8 or the whole of the next power of two (at least `least`, at
+    most `limit`): padding at most a quarter, with four shapes to compile per doubling."""
+    eighth = max((1 << (n - 1).bit_length()) // 8, 1)
+    return min(max(least, -(-n // eighth) * eighth), limit)
 
 
 def _padded_length(n: int, limit: int) -> int:
-    return min(max(MIN_LENGTH, 1 << (n - 1).bit_length()), limit)
+    return _padded(n, limit, MIN_LENGTH)
 
 
 @register_model("gptjax")
@@ -99,6 +114,11 @@ class GPTJaxLM(TemplateLM):
         loaded = weights.load(init_from, dtype=dtype)
         return cls(loaded.params, loaded.cfg, loaded.meta, **kwargs)
 
+    def _padded_rows(self, n: int) -> int:
+        """Rows for a batch of n requests: batch_size, or fewer for a task's last, partial batch
+        (its padding rows would cost as much as real ones)."""
+        return _padded(n, self._batch_size)
+
     # --- what lm-eval asks of a model -----------------------------------------------------------
 
     @property
@@ -122,22 +142,29 @@ class GPTJaxLM(TemplateLM):
     def tok_decode(self, tokens) -> str:
         return self.codec.stream_decoder()(tokens, final=True)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """(sum of log p(continuation), is_greedy) per (request, context tokens, continuation tokens)."""
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, greedy: bool = True,
+                              **kwargs) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation), is_greedy) per (request, context tokens, continuation
+        tokens); greedy=False: is_greedy is not computed (False)."""
         order = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
         results = []
         for chunk in order.get_batched(n=self._batch_size):
             windows = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in chunk]
             T = _padded_length(max(len(w) - 1 for w in windows), self.max_length)
-            inp_BxT = np.zeros((self._batch_size, T), np.int32)
-            tgt_BxT = np.zeros((self._batch_size, T), np.int32)
+            # the head only at the last K positions of each row, which hold every continuation
+            K = _padded_length(max(len(cont) for _, _, cont in chunk), T)
+            B = self._padded_rows(len(chunk))
+            inp_BxT, at_BxK, tgt_BxK = (np.zeros((B, n), np.int32) for n in (T, K, K))
             for b, w in enumerate(windows):
-                inp_BxT[b, : len(w) - 1], tgt_BxT[b, : len(w) - 1] = w[:-1], w[1:]
-            logp_BxT, greedy_BxT = jax.device_get(_token_logprobs(
-                self.params, inp_BxT, tgt_BxT, model=self.model, vocab_limit=self.vocab_limit))
-            for b, ((request, _, cont), w) in enumerate(zip(chunk, windows)):
-                scored = slice(len(w) - 1 - len(cont), len(w) - 1)  # the continuation's positions
-                answer = (float(logp_BxT[b, scored].sum(dtype=np.float64)), bool(greedy_BxT[b, scored].all()))
+                inp_BxT[b, : len(w) - 1] = w[:-1]
+                at_BxK[b] = np.maximum(np.arange(len(w) - 1 - K, len(w) - 1), 0)
+                tgt_BxK[b] = np.asarray(w)[at_BxK[b] + 1]
+            logp_BxK, greedy_BxK = jax.device_get(_token_logprobs(
+                self.params, inp_BxT, at_BxK, tgt_BxK, model=self.model, vocab_limit=self.vocab_limit, greedy=greedy))
+            for b, (request, _, cont) in enumerate(chunk):
+                scored = slice(K - len(cont), K)  # the continuation's positions among the K
+                answer = (float(logp_BxK[b, scored].sum(dtype=np.float64)),
+                          greedy and bool(greedy_BxK[b, scored].all()))
                 results.append(answer)
                 if request is not None:
                     self.cache_hook.add_partial("loglikelihood", request, answer)
@@ -151,7 +178,7 @@ class GPTJaxLM(TemplateLM):
                 windows.append((None, ctx, cont))
                 owners.append(i)
         totals = [0.0] * len(requests)
-        for i, (logp, _) in zip(owners, self._loglikelihood_tokens(windows)):
+        for i, (logp, _) in zip(owners, self._loglikelihood_tokens(windows, greedy=False)):
             totals[i] += logp
         for request, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
@@ -182,9 +209,11 @@ class GPTJaxLM(TemplateLM):
             raise ValueError(f"max_gen_toks={max_gen_toks} leaves no room for a context in the model's "
                              f"{self.max_length} tokens: lower it (model_args max_gen_toks, or the task's)")
         prompts = [self.tok_encode(c)[-max_ctx:] or [self.prefix_token_id] for c in contexts]
-        T = max_ctx  # one shape, so one compiled loop, per max_gen_toks: the prefill is one forward
-        prompt_BxT = np.zeros((self._batch_size, T), np.int32)
-        len_B = np.ones((self._batch_size,), np.int32)  # rows past the chunk's: one-token fillers
+        # the prefill is one forward over T positions: the longest prompt, padded as scoring pads
+        T = _padded_length(max(map(len, prompts)), max_ctx)
+        B = self._padded_rows(len(prompts))
+        prompt_BxT = np.zeros((B, T), np.int32)
+        len_B = np.ones((B,), np.int32)  # rows past the chunk's: one-token fillers
         for b, p in enumerate(prompts):
             prompt_BxT[b, T - len(p):], len_B[b] = p, len(p)
         temperature = float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0

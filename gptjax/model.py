@@ -242,7 +242,8 @@ class GPT(nn.Module):
           earlier positions; returns (logits, the cache with their keys and values written). The
           caller keeps pos + T within the cache. Inference only (deterministic).
         logits_at: (B,) one index per row: the head is applied only there, logits (B, V), as
-          nanoGPT's inference forward (the head over every position is a large share of a step).
+          nanoGPT's inference forward (the head over every position is a large share of a step);
+          or (B, K) indices per row, logits (B, K, V) (scoring only a continuation's positions).
         """
         cfg = self.config
         T = idx_BxT.shape[1]
@@ -283,7 +284,8 @@ class GPT(nn.Module):
                 new_kv.append(layer_kv)
 
         if logits_at is not None:
-            x_BxTxC = jnp.take_along_axis(x_BxTxC, jnp.asarray(logits_at)[:, None, None], axis=1)  # (B, 1, C)
+            at_BxK = jnp.asarray(logits_at).reshape(idx_BxT.shape[0], -1)
+            x_BxTxC = jnp.take_along_axis(x_BxTxC, at_BxK[:, :, None], axis=1)  # (B, K, C)
         x_BxTxC = norm(cfg, "ln_f")(x_BxTxC)
         # logits come out in float32 whatever the compute dtype
         if cfg.tie_embeddings:
@@ -295,7 +297,7 @@ class GPT(nn.Module):
                                 preferred_element_type=jnp.float32)
         if cfg.logit_softcap:
             logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-        if logits_at is not None:
+        if logits_at is not None and jnp.ndim(logits_at) == 1:
             logits = logits[:, 0]
         return logits if cache is None else (logits, cache.replace(kv=new_kv))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +192,54 @@ def test_generate_until_honours_until_and_max_gen_toks(gptjax_lm, hf_lm):
     assert draws[0] == draws[1] != draws[2] and draws[0] != free
 
 
+def _log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_scores_count_each_continuation_token_once_whatever_its_length(gptjax_lm):
+    """Continuations from 1 token to most of the window, windows shorter than the positions the
+    head is applied at, and contexts cropped to the model's: each score is the full forward's."""
+    lm = gptjax_lm
+    rnd = np.random.default_rng(5)
+    shapes = [(3, 1), (2, 5), (40, 1), (1, 17), (20, 30), (60, 20), (10, 40), (5, 3)]  # (context, continuation)
+    requests = [(None, rnd.integers(0, 50257, c).tolist(), rnd.integers(0, 50257, n).tolist()) for c, n in shapes]
+    ours = lm._loglikelihood_tokens(requests)
+    model = GPT(lm.cfg)
+    for (_, ctx, cont), (logp, greedy) in zip(requests, ours):
+        window = (ctx + cont)[-(CONTEXT + 1):]
+        logits = np.asarray(model.apply({"params": lm.params}, np.asarray([window[:-1]])))[0]
+        rows = np.arange(len(window) - 1 - len(cont), len(window) - 1)
+        expected = _log_softmax(logits)[rows, np.asarray(cont)].sum()
+        assert logp == pytest.approx(expected, rel=1e-5)
+        assert greedy == bool((logits[rows].argmax(-1) == np.asarray(cont)).all())
+    # a continuation that is the model's own greedy choice reads as greedy
+    ctx = rnd.integers(0, 50257, 6).tolist()
+    best = int(np.asarray(model.apply({"params": lm.params}, np.asarray([ctx])))[0, -1].argmax())
+    assert lm._loglikelihood_tokens([(None, ctx, [best])])[0][1] is True
+    assert lm._loglikelihood_tokens([(None, ctx, [best])], greedy=False)[0][1] is False
+
+
+def test_generation_prefills_only_as_far_as_the_longest_prompt(gptjax_lm, monkeypatch):
+    """Short prompts are padded to a short window (at most a quarter longer), not to the context
+    the model leaves for them: the prefill is one forward over that window."""
+    widths = []
+    real = harness.generate_stream
+
+    def spy(params, cfg, prompt_BxT, *args, **kwargs):
+        widths.append(prompt_BxT.shape[1])
+        return real(params, cfg, prompt_BxT, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "generate_stream", spy)
+    gptjax_lm.generate_until([Instance("generate_until", {}, ("The cat sat on", {"until": [], "max_gen_toks": 5}), 0)])
+    long = words(random.Random(4))(40)
+    gptjax_lm.generate_until([Instance("generate_until", {}, (long, {"until": [], "max_gen_toks": 5}), 0)])
+    n_long = len(gptjax_lm.tok_encode(long))
+    assert widths[0] == harness.MIN_LENGTH
+    assert n_long <= widths[1] <= min(n_long * 5 // 4, CONTEXT - 5)
+
+
 def test_rolling_windows_cover_a_long_document_once(gptjax_lm):
     """A document of ~3 contexts scores as the sum of its tokens' log-probabilities, each predicted
     once with as much context as fits: the same number as the plain model's windows by hand."""
@@ -288,3 +338,15 @@ def test_without_lm_eval_the_commands_say_what_to_install(monkeypatch, capsys, t
     assert "pip install 'gptjax[eval]'" in capsys.readouterr().err
     assert train.main([f"--out_dir={tmp_path}", "--eval_tasks=hellaswag"]) == 2
     assert "eval_tasks='hellaswag' needs lm-evaluation-harness: pip install 'gptjax[eval]'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_benchmark_against_lm_evals_hf_backend_agrees_and_writes_its_table(tmp_path):
+    """benchmarks/eval_vs_lm_eval.py on a one-layer model: it stops if the backends' metrics differ."""
+    out = tmp_path / "table.md"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_vs_lm_eval.py"
+    subprocess.run([sys.executable, str(script), "--rounds", "1", "--n_layer", "1", "--n_embd", "64",
+                    "--examples", "4", "1", "2", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    table = out.read_text()
+    assert all(f"| shakespeare_{kind} |" in table for kind in ("mc", "rolling", "gen")) and "Host:" in table
+

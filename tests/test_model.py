@@ -176,6 +176,24 @@ def test_causal():
     assert np.abs(a[:, 9:] - b[:, 9:]).min(axis=-1).max() > 0  # later positions do see the change
 
 
+def test_logits_at_one_or_several_positions_per_row_are_the_full_forwards():
+    """The head applied only at the positions asked for: one per row (B, V) or K per row (B, K, V),
+    repeated positions included, equal to the full forward's logits there."""
+    cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
+    params = random_params(cfg, seed=2)
+    idx = tokens(3, 16, 64, seed=3)
+    full_BxTxV = logits(params, cfg, idx)
+    one_B = np.array([15, 0, 7])
+    at_BxK = np.array([[12, 13, 14, 15], [0, 0, 1, 2], [3, 9, 9, 5]])
+    apply = jax.jit(lambda p, x, at: GPT(cfg).apply({"params": p}, x, logits_at=at))
+    np.testing.assert_allclose(np.asarray(apply(params, idx, one_B)), full_BxTxV[np.arange(3), one_B],
+                               rtol=1e-5, atol=1e-5)
+    at_logits_BxKxV = np.asarray(apply(params, idx, at_BxK))
+    assert at_logits_BxKxV.shape == (3, 4, 64)
+    np.testing.assert_allclose(at_logits_BxKxV, np.take_along_axis(full_BxTxV, at_BxK[..., None], axis=1),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_causal_gradient():
     """d logits[t] / d (embeddings at positions > t) is exactly zero."""
     cfg = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=4, n_embd=32)
