@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -200,25 +201,27 @@ def _log_softmax(logits):
 
 def test_scores_count_each_continuation_token_once_whatever_its_length(gptjax_lm):
     """Continuations from 1 token to most of the window, windows shorter than the positions the
-    head is applied at, and contexts cropped to the model's: each score is the full forward's."""
+    head is applied at, contexts cropped to the model's, and one continuation that is the model's
+    own greedy choice: each score and is_greedy is the full forward's."""
     lm = gptjax_lm
     rnd = np.random.default_rng(5)
     shapes = [(3, 1), (2, 5), (40, 1), (1, 17), (20, 30), (60, 20), (10, 40), (5, 3)]  # (context, continuation)
-    requests = [(None, rnd.integers(0, 50257, c).tolist(), rnd.integers(0, 50257, n).tolist()) for c, n in shapes]
-    ours = lm._loglikelihood_tokens(requests)
-    model = GPT(lm.cfg)
-    for (_, ctx, cont), (logp, greedy) in zip(requests, ours):
-        window = (ctx + cont)[-(CONTEXT + 1):]
-        logits = np.asarray(model.apply({"params": lm.params}, np.asarray([window[:-1]])))[0]
-        rows = np.arange(len(window) - 1 - len(cont), len(window) - 1)
-        expected = _log_softmax(logits)[rows, np.asarray(cont)].sum()
-        assert logp == pytest.approx(expected, rel=1e-5)
-        assert greedy == bool((logits[rows].argmax(-1) == np.asarray(cont)).all())
-    # a continuation that is the model's own greedy choice reads as greedy
-    ctx = rnd.integers(0, 50257, 6).tolist()
-    best = int(np.asarray(model.apply({"params": lm.params}, np.asarray([ctx])))[0, -1].argmax())
-    assert lm._loglikelihood_tokens([(None, ctx, [best])])[0][1] is True
-    assert lm._loglikelihood_tokens([(None, ctx, [best])], greedy=False)[0][1] is False
+    requests = [(rnd.integers(0, 50257, c).tolist(), rnd.integers(0, 50257, n).tolist()) for c, n in shapes]
+    windows = [(ctx + cont)[-(CONTEXT + 1):] for ctx, cont in requests]
+    padded_BxT = np.zeros((len(windows), CONTEXT), np.int32)  # right padding: causal, so it changes nothing
+    for b, w in enumerate(windows):
+        padded_BxT[b, : len(w) - 1] = w[:-1]
+    logits_BxTxV = np.asarray(jax.jit(GPT(lm.cfg).apply)({"params": lm.params}, padded_BxT))
+    ctx = requests[2][0]  # its greedy next token, as a one-token continuation
+    requests.append((ctx, [int(logits_BxTxV[2, len(ctx) - 1].argmax())]))
+    windows.append(ctx + requests[-1][1])
+    logits_BxTxV = np.concatenate([logits_BxTxV, logits_BxTxV[2:3]])
+    ours = lm._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in requests])
+    for (_, cont), w, logits_TxV, (logp, greedy) in zip(requests, windows, logits_BxTxV, ours):
+        rows = np.arange(len(w) - 1 - len(cont), len(w) - 1)
+        assert logp == pytest.approx(_log_softmax(logits_TxV)[rows, np.asarray(cont)].sum(), rel=1e-5)
+        assert greedy == bool((logits_TxV[rows].argmax(-1) == np.asarray(cont)).all())
+    assert ours[-1][1] is True
 
 
 def test_generation_prefills_only_as_far_as_the_longest_prompt(gptjax_lm, monkeypatch):
