@@ -18,6 +18,7 @@ to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -120,6 +121,7 @@ def main() -> None:
         from lm_eval.models.huggingface import HFLM
 
         from gptjax import harness
+        from gptjax.sampling_bench import alternating_runs
 
         torch.set_num_threads(os.cpu_count() or 1)
         write_tasks(work, args.corpus, *args.examples)
@@ -130,16 +132,16 @@ def main() -> None:
         manager = harness.task_manager(list(TASKS), str(work))
         rows = []
         for task, (_, _, metric) in TASKS.items():
-            seconds, values, requests = {name: [] for name in backends}, {}, 0
-            for k in range(args.rounds):
-                for name in list(backends) if k % 2 == 0 else list(backends)[::-1]:
-                    start = time.perf_counter()
-                    result = lm_eval.simple_evaluate(model=backends[name], tasks=[task], task_manager=manager,
-                                                     bootstrap_iters=0, log_samples=True, verbosity="ERROR")
-                    seconds[name].append(time.perf_counter() - start)
-                    values[name] = float(result["results"][task][metric])
-                    requests = sum(len(sample["resps"]) for sample in result["samples"][task])
-                    print(f"round {k + 1} {task} {name}: {seconds[name][-1]:.2f} s", file=sys.stderr)
+            results = {}
+
+            def evaluate(name, task=task):
+                results[name] = lm_eval.simple_evaluate(model=backends[name], tasks=[task], task_manager=manager,
+                                                        bootstrap_iters=0, log_samples=True, verbosity="ERROR")
+
+            seconds = alternating_runs({name: functools.partial(evaluate, name) for name in backends}, args.rounds,
+                                       lambda name, k: print(f"round {k + 1}: {task}, {name}", file=sys.stderr))
+            values = {name: float(result["results"][task][metric]) for name, result in results.items()}
+            requests = sum(len(sample["resps"]) for sample in results["gptjax"]["samples"][task])
             if not np.isclose(values["gptjax"], values["hf"], rtol=1e-4):
                 raise AssertionError(f"{task}: {metric} differs, hf {values['hf']} vs gptjax {values['gptjax']}")
             rows.append(dict(task=task, requests=requests, seconds=seconds,

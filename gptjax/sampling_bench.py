@@ -57,9 +57,9 @@ def generate_recompute(
     return ctx_BxT[:, T0:]
 
 
-def alternating_seconds(runs: dict[str, Callable[[], object]], rounds: int,
-                        before: Callable[[str, int], None] = lambda name, r: None) -> dict[str, float]:
-    """The median wall-clock seconds of each run over `rounds` rounds in which the runs take turns
+def alternating_runs(runs: dict[str, Callable[[], object]], rounds: int,
+                     before: Callable[[str, int], None] = lambda name, r: None) -> dict[str, list[float]]:
+    """The wall-clock seconds of each run in each of `rounds` rounds in which the runs take turns
     (in reverse order every other round), so that the host's drift during a benchmark falls on
     each of them alike. before(name, round): called before each run."""
     seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -69,7 +69,13 @@ def alternating_seconds(runs: dict[str, Callable[[], object]], rounds: int,
             start = time.perf_counter()
             runs[name]()
             seconds[name].append(time.perf_counter() - start)
-    return {name: float(np.median(s)) for name, s in seconds.items()}
+    return seconds
+
+
+def alternating_seconds(runs: dict[str, Callable[[], object]], rounds: int,
+                        before: Callable[[str, int], None] = lambda name, r: None) -> dict[str, float]:
+    """The median of each run's seconds in `alternating_runs`."""
+    return {name: float(np.median(s)) for name, s in alternating_runs(runs, rounds, before).items()}
 
 
 class Timed(NamedTuple):

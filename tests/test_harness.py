@@ -257,9 +257,7 @@ def test_rolling_windows_cover_a_long_document_once(gptjax_lm):
     while predicted < len(tokens):  # window predicting tokens predicted..end-1 with the last CONTEXT tokens
         end = min(predicted + CONTEXT, len(tokens))
         start = max(0, end - CONTEXT)
-        logits = np.asarray(model.apply({"params": lm.params}, np.asarray([seq[start:end]])), np.float64)[0]
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-            - logits.max(-1, keepdims=True)
+        logp = _log_softmax(model.apply({"params": lm.params}, np.asarray([seq[start:end]]))[0])
         for pos in range(predicted, end):
             expected += logp[pos - start, tokens[pos]]
         predicted = end
