@@ -141,7 +141,8 @@ def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_to
            key_bucket: int) -> _State:
     """The loop's initial state: left-padded prompts moved to the start of each row's context."""
     B, T = prompt_BxT.shape
-    ctx_BxM = np.zeros((B, T + max_new_tokens), np.int32)
+    M = T + max_new_tokens
+    ctx_BxM = np.zeros((B, M), np.int32)
     for b, n in enumerate(len_B):
         ctx_BxM[b, :n] = prompt_BxT[b, T - n :]
     return _State(
@@ -150,11 +151,14 @@ def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_to
         len_B=jnp.asarray(len_B),
         out_BxN=jnp.full((B, max_new_tokens), max(stop, 0), jnp.int32),
         done_B=jnp.zeros((B,), bool),
-        kv=init_cache(cfg, B, key_bucket=key_bucket).kv,
+        # as long as the contexts get (a whole block once they outgrow it): the cache's zeros,
+        # copies and writes then cost what the generation needs, not block_size positions
+        kv=init_cache(cfg, B, length=min(M, cfg.block_size), key_bucket=key_bucket).kv,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "ragged"))
+# the state donated: the loop then updates the cache in place instead of first copying it
+@functools.partial(jax.jit, static_argnames=("model", "ragged"), donate_argnames=("state",))
 def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model: GPT, ragged: bool) -> _State:
     """Sample tokens state.t..end-1, stopping early once every row has emitted `stop` (-1: never).
     `end` is traced so streaming chunks reuse this compilation. ragged: unequal prompt lengths.
@@ -176,8 +180,8 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model:
 
         def incremental(kv):
             tok_B = jnp.take_along_axis(state.ctx_BxM, (L_B - 1)[:, None], axis=1)[:, 0]
-            # finished rows may be past the block; clamp so they compute finite garbage
-            pos_B = jnp.minimum(L_B - 1, bs - 1)
+            # finished rows may be past the cache; clamp so they compute finite garbage
+            pos_B = jnp.minimum(L_B - 1, min(M, bs) - 1)
             cache = KVCache(kv=kv, pos=pos_B if ragged else pos_B[0])
             logits_BxV, cache = model.apply({"params": params}, tok_B[:, None], cache=cache, logits_at=jnp.zeros_like(tok_B))
             return logits_BxV, cache.kv

@@ -273,7 +273,10 @@ def test_stop_token_rows_stop_independently(tiny_params):
 
 
 @pytest.mark.parametrize("key_bucket", [None, 4])  # 4: the per-row positions write and read blocks
-def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket):
+# 18: each row crosses block_size at its own step (3 + 17 > 16); 6: none does, and the cache holds
+# only the 13 positions the longest row reaches
+@pytest.mark.parametrize("N", [18, 6])
+def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket, N):
     cfg = TINY
     lengths = np.array([3, 7, 5, 7])
     junk = prompts(4, 7, cfg.vocab_size, seed=2)  # padding holds real-looking ids, not zeros
@@ -281,11 +284,21 @@ def test_left_padded_prompts_equal_rows_alone(tiny_params, key_bucket):
     padded = junk.copy()
     for i, r in enumerate(rows):
         padded[i, 7 - len(r):] = r
-    out = np.asarray(G.generate(tiny_params, cfg, padded, jax.random.PRNGKey(0), 18, temperature=0,
+    out = np.asarray(G.generate(tiny_params, cfg, padded, jax.random.PRNGKey(0), N, temperature=0,
                                 prompt_lengths=lengths, key_bucket=key_bucket))
-    for i, r in enumerate(rows):  # 3 + 17 > 16: each row crosses block_size at its own step
-        alone = generate_recompute(tiny_params, cfg, r[None], jax.random.PRNGKey(0), 18, temperature=0)
+    for i, r in enumerate(rows):
+        alone = generate_recompute(tiny_params, cfg, r[None], jax.random.PRNGKey(0), N, temperature=0)
         np.testing.assert_array_equal(out[i], alone[0])
+
+
+@pytest.mark.parametrize("T, N, positions", [(3, 10, 13), (5, 30, 16), (16, 1, 16)])
+def test_the_cache_holds_the_positions_the_contexts_reach(T, N, positions):
+    # a cache of block_size positions for a short generation costs its zeros, copies and writes
+    # at every step; past block_size the window recomputes into a whole block
+    state = G._start(TINY, np.ones((2, T), np.int32), np.full(2, T), N, -1, 4)
+    blocks = state.kv[0]["k"]
+    assert sum(block.shape[2] for block in blocks) == positions
+    assert [block.shape[2] for block in blocks[:-1]] == [4] * (len(blocks) - 1)
 
 
 @pytest.mark.slow
