@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptjax.sharding import DATA_AXES, data_size
 
-ATTENTION = ("auto", "xla", "cudnn", "plain", "blocked")
+ATTENTION = ("auto", "xla", "cudnn", "plain", "blocked", "head_groups")
 MATMUL = ("auto", "xla", "cpu")
 GRAD_REDUCE = ("auto", "xla", "flat")
 DOT_LIBRARIES = ("auto", "xla", "onednn", "eigen")
@@ -39,7 +39,8 @@ class Kernels:
     """What the model and steps run; the defaults are plain XLA, correct on every backend.
 
     attention: "xla" (jax.nn.dot_product_attention's XLA path), "cudnn" (its fused flash kernel),
-      "plain" (the masked softmax written out), "blocked" (gptjax.cpu's causal query blocks).
+      "plain" (the masked softmax written out), "blocked" (gptjax.cpu's causal query blocks),
+      "head_groups" (the blocks a few heads at a time: faster in inference, slower to train).
     cudnn_fallback: a cuDNN that refuses the call when traced falls back to XLA with a warning.
     matmul: "xla" (the plain dot), "cpu" (gptjax.cpu's Dense product, weight gradients laid out for
       XLA's fast CPU kernels).
@@ -165,6 +166,11 @@ def for_run(cfg, model_cfg, mesh: Mesh) -> Kernels:
 
 
 def for_inference(cfg, device=None, attention: str = "auto") -> Kernels:
-    """The kernels for sampling or evaluating a model (GPTConfig) on one device."""
+    """The kernels for sampling or evaluating a model (GPTConfig) on one device. On a CPU, "auto"
+    attention is by head groups, which only a forward pass on one device gains from (the train
+    run's eval step, one device per core, measured slower with it)."""
     device = device or jax.devices()[0]
-    return choose([device], dtype=cfg.dtype, head_size=cfg.head_size, attention=attention)
+    kernels = choose([device], dtype=cfg.dtype, head_size=cfg.head_size, attention=attention)
+    if attention == "auto" and kernels.attention == "blocked":
+        return dataclasses.replace(kernels, attention="head_groups")
+    return kernels

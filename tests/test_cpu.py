@@ -155,6 +155,21 @@ def test_blocked_matches_masked_softmax_values_and_gradients(T, n_blocks):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B, N, T, loops", [(2, 3, 16, True), (1, 3, 16, False), (2, 2, 8, False)],
+                         ids=["groups", "heads-not-in-groups", "short"])
+def test_head_groups_match_masked_softmax(monkeypatch, B, N, T, loops):
+    """float32, rtol 1e-5; the length threshold lowered to 12 so a tiny sequence loops, and
+    3 heads of one row, which do not split into pairs, or 8 positions take the blocks whole."""
+    monkeypatch.setattr(cpu, "MIN_HEAD_GROUP_LENGTH", 12)
+    q, k, v = qkv(B, T, N, 8, seed=B + N)
+    with jax.default_matmul_precision("highest"):
+        f = lambda q, k, v: cpu.head_group_causal_attention(q, k, v, 4)  # noqa: E731
+        out = jax.jit(f)(q, k, v)
+    np.testing.assert_allclose(out, causal_reference(q, k, v), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(out)).max() > 0.1
+    assert ("scan" in str(jax.make_jaxpr(f)(q, k, v))) == loops
+
+
 def test_blocks_really_skip_the_masked_score_blocks():
     """4 blocks of 4 queries: the score products cover 4+8+12+16 = 40 of 64 rows x keys."""
     q, k, v = qkv(1, 16, 2, 5)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import kernels
+from gptjax import cpu, kernels
 from gptjax.kernels import Kernels
 from gptjax.model import GPT, GPTConfig, init_params
 from gptjax.sharding import make_mesh
@@ -51,6 +51,12 @@ def test_fused_attention_impl_picks_cudnn_only_where_cudnn_takes_it(device, dtyp
 def test_choose_on_one_cpu_device():
     k = kernels.choose([CPU], dtype="float32", head_size=16)
     assert k == Kernels(attention="blocked", matmul="cpu", row_blocks=True, grad_reduce="xla")
+
+
+def test_forward_only_programs_take_attention_by_head_groups_on_the_cpu():
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+    assert kernels.for_inference(cfg, CPU) == Kernels(attention="head_groups", matmul="cpu", row_blocks=True)
+    assert kernels.for_inference(cfg, CPU, attention="blocked").attention == "blocked"  # named: as asked
 
 
 def test_choose_on_a_gpu_and_a_tpu_takes_xla_everywhere_but_cudnn_attention():
@@ -204,6 +210,11 @@ def check_matches_plain_model(chosen, batch, reference):
 ], ids=lambda k: f"{k.attention}-{k.matmul}{'-rows' if k.row_blocks else ''}-{k.dot_library}")
 def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
     check_matches_plain_model(chosen, batch, reference)
+
+
+def test_attention_by_head_groups_matches_the_plain_model(monkeypatch, batch, reference):
+    monkeypatch.setattr(cpu, "MIN_HEAD_GROUP_LENGTH", CFG.block_size)  # this tiny model's sequences loop
+    check_matches_plain_model(Kernels(attention="head_groups", matmul="cpu"), batch, reference)
 
 
 def test_onednn_dots_match_the_plain_model():
