@@ -143,6 +143,7 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | No
                for start, stop in zip(bounds[:-1], bounds[1:])]
     return jnp.transpose(jnp.concatenate(outputs, axis=2), (0, 2, 1, 3))
 
+
 HEAD_GROUP = 2  # heads per step of `head_group_causal_attention`'s loop
 MIN_HEAD_GROUP_LENGTH = 256  # shorter sequences measured no faster in the loop
 
