@@ -55,7 +55,7 @@ class TrainConfig(GPTConfig):
     dtype: str = "auto"  # compute: auto (auto_dtype: bfloat16 on accelerators, float32 on CPU) | float32 |
     # bfloat16 | float16 (loss-scaled); parameters stay float32
     # kernels (gptjax.kernels), 'auto': chosen for the devices the run uses
-    attention: str = "auto"  # auto | xla | cudnn | plain | blocked (CPU)
+    attention: str = "auto"  # auto | xla | cudnn | plain | blocked (CPU) | head_groups (CPU, forward only is faster)
     matmul: str = "auto"  # auto | xla | cpu (the CPU Dense product)
     grad_reduce: str = "auto"  # auto | xla | flat (one flat all-reduce, CPU data parallelism)
     dot_library: str = "auto"  # auto (CPU: what `gptjax.bench --tune` recorded for this host, else xla) | xla | onednn | eigen
