@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -146,17 +147,34 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | No
 
 HEAD_GROUP = 2  # heads per step of `head_group_causal_attention`'s loop
 MIN_HEAD_GROUP_LENGTH = 256  # shorter sequences measured no faster in the loop
+L2_BYTES_UNKNOWN = 2 << 20  # where the OS does not say
+
+
+@functools.cache
+def l2_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """One core's level-2 cache in bytes, as Linux reports it in `cache_dir` (L2_BYTES_UNKNOWN
+    where it does not)."""
+    for index in sorted(Path(cache_dir).glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data") and size[:-1].isdigit():
+            return int(size[:-1]) << {"K": 10, "M": 20}.get(size[-1], 0)
+    return L2_BYTES_UNKNOWN
 
 
 def head_group_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | None = None):
     """`blocked_causal_attention` (no dropout) a group of HEAD_GROUP heads at a time, in a loop:
     one group's score blocks stay in a core's cache from their product through the softmax to the
-    product with the values, where all heads at once spill to memory. For inference: under
+    product with the values, where all heads' blocks at once would not. For inference: under
     autodiff the loop's stacked residuals make the backward pass slower than the blocked one's.
-    Sequences shorter than MIN_HEAD_GROUP_LENGTH, or heads that do not divide into groups, are
-    left to `blocked_causal_attention` whole."""
+    Left to `blocked_causal_attention` whole: sequences shorter than MIN_HEAD_GROUP_LENGTH, all
+    heads' score blocks fitting in a core's level-2 cache anyway, heads that do not pair up."""
     B, T, N, H = q_BxTxNxH.shape
-    if T < MIN_HEAD_GROUP_LENGTH or (B * N) % HEAD_GROUP:
+    n_blocks = max(1, min(query_blocks(T) if n_blocks is None else n_blocks, T))
+    scores_bytes = B * N * -(-T // n_blocks) * T * 4  # the largest block's float32 scores, all heads
+    if T < MIN_HEAD_GROUP_LENGTH or scores_bytes <= l2_cache_bytes() or (B * N) % HEAD_GROUP:
         return blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks)
     # (B, T, N, H) -> (B * N / G, G, T, 1, H): each step's G heads as a batch of one-head sequences
     groups = [jnp.transpose(a, (0, 2, 1, 3)).reshape(B * N // HEAD_GROUP, HEAD_GROUP, T, 1, H)

@@ -155,12 +155,15 @@ def test_blocked_matches_masked_softmax_values_and_gradients(T, n_blocks):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("B, N, T, loops", [(2, 3, 16, True), (1, 3, 16, False), (2, 2, 8, False)],
-                         ids=["groups", "heads-not-in-groups", "short"])
-def test_head_groups_match_masked_softmax(monkeypatch, B, N, T, loops):
-    """float32, rtol 1e-5; the length threshold lowered to 12 so a tiny sequence loops, and
-    3 heads of one row, which do not split into pairs, or 8 positions take the blocks whole."""
+@pytest.mark.parametrize("B, N, T, l2_bytes, loops", [(2, 3, 16, 0, True), (1, 3, 16, 0, False), (2, 2, 8, 0, False),
+                                                     (2, 3, 16, 1 << 20, False)],
+                         ids=["groups", "heads-not-in-groups", "short", "scores-in-cache"])
+def test_head_groups_match_masked_softmax(monkeypatch, B, N, T, l2_bytes, loops):
+    """float32, rtol 1e-5; the length threshold lowered to 12 so a tiny sequence can loop, and
+    the level-2 cache as large as told: 3 heads of one row, which do not pair up, 8 positions, or
+    scores that fit in the cache take the blocks whole."""
     monkeypatch.setattr(cpu, "MIN_HEAD_GROUP_LENGTH", 12)
+    monkeypatch.setattr(cpu, "l2_cache_bytes", lambda: l2_bytes)
     q, k, v = qkv(B, T, N, 8, seed=B + N)
     with jax.default_matmul_precision("highest"):
         f = lambda q, k, v: cpu.head_group_causal_attention(q, k, v, 4)  # noqa: E731
@@ -168,6 +171,16 @@ def test_head_groups_match_masked_softmax(monkeypatch, B, N, T, loops):
     np.testing.assert_allclose(out, causal_reference(q, k, v), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(out)).max() > 0.1
     assert ("scan" in str(jax.make_jaxpr(f)(q, k, v))) == loops
+
+
+def test_l2_cache_size_as_linux_reports_it(tmp_path):
+    for index, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"),
+                                                 ("2", "Unified", "2048K"), ("3", "Unified", "266240K")]):
+        (tmp_path / f"index{index}").mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (tmp_path / f"index{index}" / name).write_text(value + "\n")
+    assert cpu.l2_cache_bytes(str(tmp_path)) == 2 << 20
+    assert cpu.l2_cache_bytes(str(tmp_path / "absent")) == cpu.L2_BYTES_UNKNOWN
 
 
 def test_blocks_really_skip_the_masked_score_blocks():

@@ -214,6 +214,7 @@ def test_every_kernel_choice_matches_the_plain_model(chosen, batch, reference):
 
 def test_attention_by_head_groups_matches_the_plain_model(monkeypatch, batch, reference):
     monkeypatch.setattr(cpu, "MIN_HEAD_GROUP_LENGTH", CFG.block_size)  # this tiny model's sequences loop
+    monkeypatch.setattr(cpu, "l2_cache_bytes", lambda: 0)
     check_matches_plain_model(Kernels(attention="head_groups", matmul="cpu"), batch, reference)
 
 
