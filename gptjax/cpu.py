@@ -124,6 +124,11 @@ def query_blocks(seq_len: int) -> int:
     return max(1, min(4, seq_len // 32))
 
 
+def _block_count(seq_len: int, n_blocks: int | None) -> int:
+    """n_blocks (default `query_blocks`), at least 1 and at most one block per query."""
+    return max(1, min(query_blocks(seq_len) if n_blocks is None else n_blocks, seq_len))
+
+
 def blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | None = None,
                              dropout: Dropout | None = None, deterministic: bool = True):
     """Causal softmax attention with the T queries split into `n_blocks` consecutive blocks
@@ -134,7 +139,7 @@ def blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | No
     Heads go major once, (B, N, T, H): each block's products are then contiguous batched matmuls
     and the key/value prefixes are slices rather than fresh transposes."""
     B, T, N, H = q_BxTxNxH.shape
-    n_blocks = max(1, min(query_blocks(T) if n_blocks is None else n_blocks, T))
+    n_blocks = _block_count(T, n_blocks)
     bounds = [T * i // n_blocks for i in range(n_blocks + 1)]
     scale = 1.0 / math.sqrt(H)
     q_BxNxTxH, k_BxNxTxH, v_BxNxTxH = (jnp.transpose(a, (0, 2, 1, 3)) for a in (q_BxTxNxH, k_BxTxNxH, v_BxTxNxH))
@@ -164,18 +169,21 @@ def l2_cache_bytes(cache_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int
     return L2_BYTES_UNKNOWN
 
 
-def head_group_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | None = None):
-    """`blocked_causal_attention` (no dropout) a group of HEAD_GROUP heads at a time, in a loop:
-    one group's score blocks stay in a core's cache from their product through the softmax to the
-    product with the values, where all heads' blocks at once would not. For inference: under
-    autodiff the loop's stacked residuals make the backward pass slower than the blocked one's.
-    Left to `blocked_causal_attention` whole: sequences shorter than MIN_HEAD_GROUP_LENGTH, all
-    heads' score blocks fitting in a core's level-2 cache anyway, heads that do not pair up."""
+def head_group_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int | None = None,
+                                dropout: Dropout | None = None, deterministic: bool = True):
+    """`blocked_causal_attention` a group of HEAD_GROUP heads at a time, in a loop: one group's
+    score blocks stay in a core's cache from their product through the softmax to the product
+    with the values, where all heads' blocks at once would not. For inference: under autodiff the
+    loop's stacked residuals make the backward pass slower than the blocked one's. Left to
+    `blocked_causal_attention` whole: attention with dropout, sequences shorter than
+    MIN_HEAD_GROUP_LENGTH, all heads' score blocks fitting in a core's level-2 cache anyway, heads
+    that do not pair up."""
     B, T, N, H = q_BxTxNxH.shape
-    n_blocks = max(1, min(query_blocks(T) if n_blocks is None else n_blocks, T))
+    n_blocks = _block_count(T, n_blocks)
     scores_bytes = B * N * -(-T // n_blocks) * T * 4  # the largest block's float32 scores, all heads
-    if T < MIN_HEAD_GROUP_LENGTH or scores_bytes <= l2_cache_bytes() or (B * N) % HEAD_GROUP:
-        return blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks)
+    if (dropout is not None or T < MIN_HEAD_GROUP_LENGTH or scores_bytes <= l2_cache_bytes()
+            or (B * N) % HEAD_GROUP):
+        return blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks, dropout, deterministic)
     # (B, T, N, H) -> (B * N / G, G, T, 1, H): each step's G heads as a batch of one-head sequences
     groups = [jnp.transpose(a, (0, 2, 1, 3)).reshape(B * N // HEAD_GROUP, HEAD_GROUP, T, 1, H)
               for a in (q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)]

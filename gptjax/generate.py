@@ -137,6 +137,13 @@ class _State(NamedTuple):
     kv: object  # the KV cache's arrays (KVCache.kv)
 
 
+def _cache_length(cfg: GPTConfig, M: int) -> int:
+    """The cache of a loop whose contexts reach M - 1 tokens: as long as they get, or a whole block
+    once they outgrow it (the recomputed windows fill it). Its zeros, copies and writes then cost
+    what the generation needs, not block_size positions."""
+    return min(M, cfg.block_size)
+
+
 def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_tokens: int, stop,
            key_bucket: int) -> _State:
     """The loop's initial state: left-padded prompts moved to the start of each row's context."""
@@ -151,9 +158,7 @@ def _start(cfg: GPTConfig, prompt_BxT: np.ndarray, len_B: np.ndarray, max_new_to
         len_B=jnp.asarray(len_B),
         out_BxN=jnp.full((B, max_new_tokens), max(stop, 0), jnp.int32),
         done_B=jnp.zeros((B,), bool),
-        # as long as the contexts get (a whole block once they outgrow it): the cache's zeros,
-        # copies and writes then cost what the generation needs, not block_size positions
-        kv=init_cache(cfg, B, length=min(M, cfg.block_size), key_bucket=key_bucket).kv,
+        kv=init_cache(cfg, B, length=_cache_length(cfg, M), key_bucket=key_bucket).kv,
     )
 
 
@@ -181,7 +186,7 @@ def _decode(params, state: _State, key, end, sampling: Sampling, stop, *, model:
         def incremental(kv):
             tok_B = jnp.take_along_axis(state.ctx_BxM, (L_B - 1)[:, None], axis=1)[:, 0]
             # finished rows may be past the cache; clamp so they compute finite garbage
-            pos_B = jnp.minimum(L_B - 1, min(M, bs) - 1)
+            pos_B = jnp.minimum(L_B - 1, _cache_length(model.config, M) - 1)
             cache = KVCache(kv=kv, pos=pos_B if ragged else pos_B[0])
             logits_BxV, cache = model.apply({"params": params}, tok_B[:, None], cache=cache, logits_at=jnp.zeros_like(tok_B))
             return logits_BxV, cache.kv

@@ -112,11 +112,12 @@ def fused_attention_impl(dtype, head_size: int, device) -> str:
 
 def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None = None, dropout: float = 0.0,
            attention: str = "auto", matmul: str = "auto", grad_reduce: str = "auto",
-           dot_library: str = "auto") -> Kernels:
+           dot_library: str = "auto", forward_only: bool = False) -> Kernels:
     """The kernels for programs on `devices` (laid out over `mesh` when it spans several); "auto"
     fields are decided here, named ones are taken as they are.
 
-    On a CPU: blocked attention, the CPU Dense product, and, for pure data parallelism without
+    On a CPU: blocked attention (by head groups for forward_only programs on one device, which
+    nothing differentiates), the CPU Dense product, and, for pure data parallelism without
     dropout, the flat all-reduce (XLA's CPU runtime synchronises the devices once per all-reduce
     operand; docs/benchmarks.md). Row blocks only where each program sees one device's arrays.
     Elsewhere: cuDNN attention where it applies, else XLA's; XLA's products and reductions.
@@ -133,7 +134,7 @@ def choose(devices: Sequence, *, dtype: str, head_size: int, mesh: Mesh | None =
         raise ValueError(f"dot_library={dot_library!r} is for XLA's CPU backend, not {device.platform}: use 'auto' or 'xla'")
     dot_library = "xla" if dot_library == "auto" else dot_library
     if attention == "auto":
-        attention = "blocked" if cpu else fused_attention_impl(dtype, head_size, device)
+        attention = ("head_groups" if forward_only else "blocked") if cpu else fused_attention_impl(dtype, head_size, device)
         cudnn_fallback = attention == "cudnn"
     else:
         cudnn_fallback = False
@@ -166,11 +167,7 @@ def for_run(cfg, model_cfg, mesh: Mesh) -> Kernels:
 
 
 def for_inference(cfg, device=None, attention: str = "auto") -> Kernels:
-    """The kernels for sampling or evaluating a model (GPTConfig) on one device. On a CPU, "auto"
-    attention is by head groups, which only a forward pass on one device gains from (the train
-    run's eval step, one device per core, measured slower with it)."""
+    """The kernels for sampling or evaluating a model (GPTConfig) on one device. (Not the train
+    run's eval step: with one device per core it measured slower by head groups.)"""
     device = device or jax.devices()[0]
-    kernels = choose([device], dtype=cfg.dtype, head_size=cfg.head_size, attention=attention)
-    if attention == "auto" and kernels.attention == "blocked":
-        return dataclasses.replace(kernels, attention="head_groups")
-    return kernels
+    return choose([device], dtype=cfg.dtype, head_size=cfg.head_size, attention=attention, forward_only=True)

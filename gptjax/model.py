@@ -161,11 +161,9 @@ class CausalSelfAttention(nn.Module):
                       for name, new_BxTxNxH in (("k", k_BxTxNxH), ("v", v_BxTxNxH))}
             k_blocks, v_blocks = (tuple(b.astype(q_BxTxNxH.dtype) for b in new_kv[name]) for name in ("k", "v"))
             y_BxTxNxH = cached_attention(q_BxTxNxH, k_blocks, v_blocks, cache.pos)
-        elif kernels.attention == "head_groups" and attn_dropout is None:
-            y_BxTxNxH = cpu.head_group_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH)
         elif kernels.attention in ("blocked", "head_groups"):
-            y_BxTxNxH = cpu.blocked_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, None, attn_dropout,
-                                                     deterministic)
+            attend = cpu.blocked_causal_attention if kernels.attention == "blocked" else cpu.head_group_causal_attention
+            y_BxTxNxH = attend(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, None, attn_dropout, deterministic)
         elif kernels.attention == "plain" or attn_dropout is not None:  # the fused kernels have no dropout
             mask_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
             y_BxTxNxH = masked_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, mask_TxT, attn_dropout, deterministic)

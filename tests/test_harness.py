@@ -222,6 +222,7 @@ def test_scores_count_each_continuation_token_once_whatever_its_length(gptjax_lm
         assert logp == pytest.approx(_log_softmax(logits_TxV)[rows, np.asarray(cont)].sum(), rel=1e-5)
         assert greedy == bool((logits_TxV[rows].argmax(-1) == np.asarray(cont)).all())
     assert ours[-1][1] is True
+    assert lm._loglikelihood_tokens([(None, *requests[-1])], greedy=False)[0][1] is False  # rolling: not asked
 
 
 def test_generation_prefills_only_as_far_as_the_longest_prompt(gptjax_lm, monkeypatch):
