@@ -6,18 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _attention import qkv
 from gptjax.attention import cached_attention, masked_attention
-
-
-def qkv(B, T, N, H, seed=0, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return [jax.random.normal(k, (B, T, N, H), dtype) for k in keys]
-
-
-def causal_reference(q, k, v):
-    T = q.shape[1]
-    with jax.default_matmul_precision("highest"):
-        return masked_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
 
 
 def blocks(cache_BxNxSxH, size):

@@ -16,8 +16,8 @@ import pytest
 
 from flax import linen as nn
 
+from _attention import causal_reference, qkv
 from gptjax import cpu
-from gptjax.attention import masked_attention
 
 DENSE_DIMS = lambda x: (((x.ndim - 1,), (0,)), ((), ()))  # noqa: E731
 
@@ -119,17 +119,6 @@ def test_tall_products_in_row_blocks_match_the_plain_product(monkeypatch):
 
 
 # --- causal attention in query blocks ---
-
-
-def qkv(B, T, N, H, seed=0, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-    return [jax.random.normal(k, (B, T, N, H), dtype) for k in keys]
-
-
-def causal_reference(q, k, v):
-    T = q.shape[1]
-    with jax.default_matmul_precision("highest"):
-        return masked_attention(q, k, v, jnp.tril(jnp.ones((T, T), bool)))
 
 
 @pytest.mark.parametrize("T, n_blocks", [(16, 1), (16, 2), (16, 4), pytest.param(10, 4, marks=pytest.mark.slow), (12, 5),
