@@ -173,8 +173,10 @@ def head_group_causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, n_blocks: int |
                                 dropout: Dropout | None = None, deterministic: bool = True):
     """`blocked_causal_attention` a group of HEAD_GROUP heads at a time, in a loop: one group's
     score blocks stay in a core's cache from their product through the softmax to the product
-    with the values, where all heads' blocks at once would not. For inference: under autodiff the
-    loop's stacked residuals make the backward pass slower than the blocked one's. Left to
+    with the values, where all heads' blocks at once would not, and its smaller buffers reuse
+    memory where theirs may come as fresh pages. For inference: under autodiff the train step is
+    slower by head groups, with the loop's residuals stacked or each group's scores recomputed
+    (docs/benchmarks.md, "Tried and not kept"). Left to
     `blocked_causal_attention` whole: attention with dropout, sequences shorter than
     MIN_HEAD_GROUP_LENGTH, all heads' score blocks fitting in a core's level-2 cache anyway, heads
     that do not pair up."""
