@@ -58,9 +58,9 @@ def gcs(tmp_path_factory):
     class Space:
         dir, data = root, root / "data"
 
-        def start(self, name, argv, extra_env=None):
+        def start(self, name, argv, extra_env=None, worker_options=()):
             with open(root / f"{name}.log", "w") as log:
-                children.append(subprocess.Popen([sys.executable, str(WORKER), "--", *argv], cwd=root,
+                children.append(subprocess.Popen([sys.executable, str(WORKER), *worker_options, "--", *argv], cwd=root,
                                                  env={**env, **(extra_env or {})}, stdout=log,
                                                  stderr=subprocess.STDOUT))
             return children[-1]
@@ -199,7 +199,9 @@ def test_killed_bucket_run_resumes_bitwise_and_is_sampled_exported_plotted(here,
         paths.resolve(f"{DATA_URL}/{name}").write_bytes((space.data / name).read_bytes())
     local = space.dir / "local"
     space.wait(space.start("reference", _args(local, space.data)), "reference")  # first: it fills the compile cache
-    first = space.start("bucket", _args(RUN_URL, DATA_URL))
+    # each wait for a save takes 3 s longer, so the poll below sees the first checkpoint long before
+    # the last one lands, however fast the steps and saves are
+    first = space.start("bucket", _args(RUN_URL, DATA_URL), worker_options=("--slow-wait", "3"))
     directory = checkpoint.checkpoint_dir(RUN_URL)
     deadline = time.monotonic() + TIMEOUT
     while not checkpoint.complete_steps(directory):
