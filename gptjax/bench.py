@@ -93,6 +93,7 @@ class Runner:
     compile_s: float
     close: Callable[[], None] = lambda: None
     variant: str = ""  # a --vs variant's config overrides
+    first_step: Any = None  # (loss, optimizer state) on the host after the first step, when kept
 
 
 def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int, rounds: int) -> list[Row]:
@@ -115,7 +116,8 @@ def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int
     return rows
 
 
-def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile_dir: str | None = None) -> Runner:
+def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile_dir: str | None = None,
+                  keep_first_step: bool = False) -> Runner:
     mesh = sharding.make_mesh(cfg.dp, cfg.fsdp)
     sharding.check_batch_divisible(cfg.batch_size, mesh)
     model_cfg = cfg.model_config(vocab_size)
@@ -132,16 +134,17 @@ def gptjax_runner(cfg: TrainConfig, tokens: np.ndarray, vocab_size: int, profile
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics = compiled(holder["state"], batch)
-        jax.block_until_ready(metrics["loss"])
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+        jax.block_until_ready(holder["metrics"]["loss"])
 
     step()
+    first_step = jax.device_get((holder["metrics"]["loss"], holder["state"].opt_state)) if keep_first_step else None
     step()
     if profile_dir:
         with jax.profiler.trace(profile_dir):
             for _ in range(3):
                 step()
-    return Runner("gptjax", functools.partial(timed, step), flops, compile_s)
+    return Runner("gptjax", functools.partial(timed, step), flops, compile_s, first_step=first_step)
 
 
 def say(message: str) -> None:
@@ -234,13 +237,13 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         cpu.tune_host(cfg)  # the gptjax row runs as `python -m gptjax.train` would
     name = args.name or next((a for a in rest if not a.startswith("--")), "default")
     vocab_size = cfg.vocab_size or _dataset_vocab(cfg) or 50304
-    rows = [] if args.steps == 0 else _train_rows(args, cfg, rest, name, vocab_size)
+    rows, disagreement = ([], {}) if args.steps == 0 else _train_rows(args, cfg, rest, name, vocab_size)
     if args.sample:
         from gptjax.sampling_bench import bench_sampling  # it builds on this module's rows
 
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch", args.rounds)
     if args.tune:
-        say(f"recorded for this host and model: {autotune.record_from_rows(cfg, vocab_size, rows)}")
+        say(f"recorded for this host and model: {autotune.record_from_rows(cfg, vocab_size, rows, disagreement)}")
     peak, source = keep_peak_flops(*device_peak_flops())
     host = host_description(("jax", "jaxlib", "flax", "optax") + (("torch", "transformers") if args.compare else ()))
     print(f"host: {host}\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
@@ -253,16 +256,18 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
 
 
 def _train_rows(args: argparse.Namespace, cfg: TrainConfig, argv: Sequence[str], name: str,
-                vocab_size: int) -> list[Row]:
-    """The train-step rows: gptjax, its --vs variants and PyTorch's, in alternating rounds."""
+                vocab_size: int) -> tuple[list[Row], dict[str, float]]:
+    """The train-step rows: gptjax, its --vs variants and PyTorch's, in alternating rounds; with
+    --tune, also each dot library's first-step disagreement with XLA's default."""
     tokens = _batch_tokens(cfg, vocab_size, args.real_data)
     say(f"compiling gptjax's train step ({cfg.resolved_dtype})")
     runners = [gptjax_runner(cfg, tokens, vocab_size, args.profile)]
     try:
         for overrides in args.vs:
             say(f"compiling gptjax's train step with {overrides}")
-            runners.append(dataclasses.replace(
-                gptjax_runner(_variant(cfg, argv, overrides), tokens, vocab_size), variant=overrides))
+            runners.append(dataclasses.replace(gptjax_runner(_variant(cfg, argv, overrides), tokens, vocab_size,
+                                                             keep_first_step=args.tune), variant=overrides))
+        disagreement = _library_disagreement(runners) if args.tune else {}
         if args.compare == "torch":
             from gptjax.torch_bench import torch_device, torch_process_runner  # they build on Runner
 
@@ -270,10 +275,24 @@ def _train_rows(args: argparse.Namespace, cfg: TrainConfig, argv: Sequence[str],
             runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=False, device=device))
             if not args.no_torch_compile:
                 runners.append(torch_process_runner(cfg, tokens, vocab_size, compile=True, device=device))
-        return measure(runners, cfg, name, args.steps, args.rounds)
+        return measure(runners, cfg, name, args.steps, args.rounds), disagreement
     finally:
         for runner in runners:
             runner.close()
+
+
+def _library_disagreement(runners: Sequence[Runner]) -> dict[str, float]:
+    """Each --dot_library=NAME runner's first step against XLA's default's (autotune), said where a
+    library computes another step; the kept first steps are let go."""
+    first = {r.variant.split("=", 1)[1]: r.first_step for r in runners if r.variant.startswith("--dot_library=")}
+    disagreement = {name: autotune.first_step_disagreement(first["xla"], step) for name, step in first.items()}
+    for name, value in disagreement.items():
+        if value > autotune.AGREEMENT:
+            say(f"dot_library={name} computes another train step than XLA's default here (its loss and "
+                f"optimizer state differ by {value:.2g} of their size): it will not be chosen")
+    for r in runners:
+        r.first_step = None
+    return disagreement
 
 
 def _variant(cfg: TrainConfig, argv: Sequence[str], overrides: str) -> TrainConfig:

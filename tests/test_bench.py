@@ -128,7 +128,12 @@ def test_bench_tune_records_the_faster_dot_library_for_this_host(tmp_path, monke
     mesh = make_mesh(cfg.dp, cfg.fsdp)
     verdict = autotune.recorded(autotune.run_key(cfg, cfg.model_config(64), mesh))
     assert verdict["ms_per_step"] == pytest.approx(ms, abs=1e-3)
-    fastest = min(ms, key=ms.get)
+    # each library's first step checked against XLA's default: Eigen's computes the same one
+    disagreement = verdict["disagreement"]
+    assert disagreement.keys() == ms.keys() and disagreement["xla"] == 0 and disagreement["eigen"] < 1e-5
+    assert verdict["refused"] == [k for k in sorted(ms) if disagreement[k] > autotune.AGREEMENT]
+    agreeing = {k: v for k, v in ms.items() if k not in verdict["refused"]}
+    fastest = min(agreeing, key=agreeing.get)
     faster = fastest if ms[fastest] < (1 - autotune.MARGIN) * ms["xla"] else "xla"
     assert verdict["dot_library"] == faster
     assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == faster
