@@ -90,16 +90,28 @@ def nanogpt_cpu_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int 
 
 def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, cache_dir: Path | None = None) -> dict:
     """`python -m gptjax.train CONFIG` timed as a process; cache_dir: its GPTJAX_CACHE_DIR, where
-    its compiled programs are kept (an empty one makes the run compile everything, as a first does)."""
+    its compiled programs are kept (an empty one makes the run compile everything, as a first does).
+    A new cache_dir starts with this host's measured choices (`gptjax.autotune`'s records, which
+    `python -m gptjax.bench CONFIG --tune` writes), as the user's own cache would hold them; the
+    row names the dot library the run took."""
+    from gptjax import autotune, paths
+
     cmd = [sys.executable, "-m", "gptjax.train", config, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     if cache_dir is not None:
         env["GPTJAX_CACHE_DIR"] = str(cache_dir)
+        records = paths.cache_root() / autotune.RECORDS
+        if records.is_file() and not (cache_dir / autotune.RECORDS).exists():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copy(records, cache_dir / autotune.RECORDS)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=ROOT, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    library = re.search(r"dots (\w+);", proc.stdout).group(1)  # the run's first line says which
     last = [json.loads(line) for line in open(out_dir / "metrics.jsonl") if "val_loss" in line][-1]
-    return {"impl": f"gptjax {config}{' ' + ' '.join(overrides) if overrides else ''}", "wall_s": wall,
+    return {"impl": f"gptjax {config}{' ' + ' '.join(overrides) if overrides else ''} (dots {library})", "wall_s": wall,
             "iters": last["iter"], "val_loss_20": last["val_loss"], "run": out_dir}
 
 

@@ -7,7 +7,9 @@ Each round runs `python -m gptjax.train shakespeare_char_cpu` and nanoGPT's unmo
 its README's CPU recipe (the same model, data and schedule; `peers.nanogpt_cpu_recipe`), in
 alternating order, each timed from outside: interpreter start, imports, data loading, compilation,
 evaluations and saves count for both. gptjax's compilation cache starts empty, so round 1 compiles
-everything (a user's first run) and later rounds start from the programs it kept (every run after).
+everything (a user's first run) and later rounds start from the programs it kept (every run after);
+the host's measured choices (`python -m gptjax.bench shakespeare_char_cpu --vocab_size=65 --tune`'s
+record, if one was made) are carried over, and each row names the dot library its run took.
 Both final models are then evaluated the same way, by gptjax on 200 validation batches. Prints a
 markdown table and writes it to --out.
 """

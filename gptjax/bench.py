@@ -242,8 +242,9 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         from gptjax.sampling_bench import bench_sampling  # it builds on this module's rows
 
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch", args.rounds)
-    if args.tune:
-        say(f"recorded for this host and model: {autotune.record_from_rows(cfg, vocab_size, rows, disagreement)}")
+    verdict = autotune.record_from_rows(cfg, vocab_size, rows, disagreement) if args.tune else None
+    if verdict:
+        say(f"recorded for this host and model: {verdict}")
     peak, source = keep_peak_flops(*device_peak_flops())
     host = host_description(("jax", "jaxlib", "flax", "optax") + (("torch", "transformers") if args.compare else ()))
     print(f"host: {host}\ndevice: {jax.devices()[0].device_kind} x{jax.device_count()}; peak {peak / 1e9:,.0f} GFLOP/s ({source})")
@@ -251,7 +252,7 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"host": host, "device": jax.devices()[0].device_kind, "peak_flops": peak,
-                       "rows": [r.as_dict() for r in rows]}, f, indent=2)
+                       "rows": [r.as_dict() for r in rows], **({"tune": verdict} if verdict else {})}, f, indent=2)
     return rows
 
 

@@ -127,6 +127,7 @@ def test_bench_tune_records_the_faster_dot_library_for_this_host(tmp_path, monke
     cfg = parse_args(TINY)
     mesh = make_mesh(cfg.dp, cfg.fsdp)
     verdict = autotune.recorded(autotune.run_key(cfg, cfg.model_config(64), mesh))
+    assert json.loads(out.read_text())["tune"] == verdict  # the table's file keeps it too
     assert verdict["ms_per_step"] == pytest.approx(ms, abs=1e-3)
     # each library's first step checked against XLA's default: Eigen's computes the same one
     disagreement = verdict["disagreement"]
