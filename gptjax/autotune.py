@@ -13,7 +13,7 @@ experimental: a program it cannot build ends the process when it first runs, whi
 benchmark's and not a training run's, so only the program the benchmark ran may use it. A library
 other than XLA's default is taken only when it is clearly faster and computes the same step: its
 first train step, from the same state and batch, must give XLA's default's loss and optimizer state
-(on one AMD EPYC host XLA's oneDNN path returned gradients 1% off in some layers).
+(on one AMD EPYC host XLA's oneDNN path computed gradients 1-30% off; docs/benchmarks.md).
 """
 
 from __future__ import annotations
