@@ -109,9 +109,11 @@ def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, c
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    library = re.search(r"dots (\w+);", proc.stdout).group(1)  # the run's first line says which
+    library = re.search(r"dots (\w+);", proc.stdout)  # the run's first line says which
+    if library is None:
+        raise RuntimeError(f"{' '.join(cmd)} printed no kernels line ('dots NAME;'), so which library it ran is unknown")
     last = [json.loads(line) for line in open(out_dir / "metrics.jsonl") if "val_loss" in line][-1]
-    return {"impl": f"gptjax {config}{' ' + ' '.join(overrides) if overrides else ''} (dots {library})", "wall_s": wall,
+    return {"impl": f"gptjax {config}{' ' + ' '.join(overrides) if overrides else ''} (dots {library.group(1)})", "wall_s": wall,
             "iters": last["iter"], "val_loss_20": last["val_loss"], "run": out_dir}
 
 

@@ -113,10 +113,9 @@ def record_verdict(key: str, ms_per_step: dict[str, float], disagreement: dict[s
     return verdict
 
 
-def record_from_rows(cfg, vocab_size: int, rows, disagreement: dict[str, float]) -> dict:
-    """Record the verdict of `python -m gptjax.bench CONFIG --tune`'s rows (gptjax.bench.Row, one
-    per `--dot_library=NAME` variant, timed in alternating rounds) and each library's first-step
-    disagreement with XLA's default, for the run `cfg` describes."""
-    ms = {r.variant.split("=", 1)[1]: r.ms_per_iter for r in rows if r.variant.startswith("--dot_library=")}
-    return record_verdict(run_key(cfg, cfg.model_config(vocab_size), sharding.make_mesh(cfg.dp, cfg.fsdp)), ms,
-                          disagreement)
+def record_for_run(cfg, vocab_size: int, ms_per_step: dict[str, float], disagreement: dict[str, float]) -> dict:
+    """Record the verdict of `python -m gptjax.bench CONFIG --tune` (each library's step time, timed
+    in alternating rounds, and its first-step disagreement with XLA's default) for the run `cfg`
+    describes."""
+    return record_verdict(run_key(cfg, cfg.model_config(vocab_size), sharding.make_mesh(cfg.dp, cfg.fsdp)),
+                          ms_per_step, disagreement)

@@ -242,7 +242,8 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         from gptjax.sampling_bench import bench_sampling  # it builds on this module's rows
 
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch", args.rounds)
-    verdict = autotune.record_from_rows(cfg, vocab_size, rows, disagreement) if args.tune else None
+    verdict = (autotune.record_for_run(cfg, vocab_size, _by_library(rows, lambda r: r.ms_per_iter), disagreement)
+               if args.tune else None)
     if verdict:
         say(f"recorded for this host and model: {verdict}")
     peak, source = keep_peak_flops(*device_peak_flops())
@@ -285,7 +286,7 @@ def _train_rows(args: argparse.Namespace, cfg: TrainConfig, argv: Sequence[str],
 def _library_disagreement(runners: Sequence[Runner]) -> dict[str, float]:
     """Each --dot_library=NAME runner's first step against XLA's default's (autotune), said where a
     library computes another step; the kept first steps are let go."""
-    first = {r.variant.split("=", 1)[1]: r.first_step for r in runners if r.variant.startswith("--dot_library=")}
+    first = _by_library(runners, lambda r: r.first_step)
     disagreement = {name: autotune.first_step_disagreement(first["xla"], step) for name, step in first.items()}
     for name, value in disagreement.items():
         if value > autotune.AGREEMENT:
@@ -294,6 +295,11 @@ def _library_disagreement(runners: Sequence[Runner]) -> dict[str, float]:
     for r in runners:
         r.first_step = None
     return disagreement
+
+
+def _by_library(items, value: Callable[[Any], Any]) -> dict[str, Any]:
+    """value(item) for each runner or row of a --tune variant, by the dot library it names."""
+    return {i.variant.split("=", 1)[1]: value(i) for i in items if i.variant.startswith("--dot_library=")}
 
 
 def _variant(cfg: TrainConfig, argv: Sequence[str], overrides: str) -> TrainConfig:
