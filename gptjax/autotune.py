@@ -11,9 +11,10 @@ host makes the same choice (and computes the same numbers). The measuring is a c
 and the library is used for the train step alone (`step.jit_steps`), because XLA's oneDNN path is
 experimental: a program it cannot build ends the process when it first runs, which must be the
 benchmark's and not a training run's, so only the program the benchmark ran may use it. A library
-other than XLA's default is taken only when it is clearly faster and computes the same step: its
-first train step, from the same state and batch, must give XLA's default's loss and optimizer state
-(on one AMD EPYC host XLA's oneDNN path computed gradients 1-30% off; docs/benchmarks.md).
+other than XLA's default is taken only when it is clearly faster, by MARGIN in the median and in
+every round, and computes the same step: its first train step, from the same state and batch, must
+give XLA's default's loss and optimizer state (on one AMD EPYC host XLA's oneDNN path computed
+gradients 1-30% off; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import importlib.metadata
 import json
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -68,7 +70,7 @@ def run_key(cfg, model_cfg, mesh: Mesh) -> str:
                "grad_clip": cfg.grad_clip > 0, "mesh": dict(mesh.shape),
                "kernels": [cfg.attention, cfg.matmul, cfg.grad_reduce],
                "library_options": kernels_lib.LIBRARY_OPTIONS,  # a verdict holds for the options it measured
-               "checked": "first step against XLA's default"}  # verdicts taken without that check are not used
+               "checked": "first step against XLA's default; faster in every round"}  # older verdicts are not used
     digest = hashlib.sha256(json.dumps(program, sort_keys=True).encode()).hexdigest()[:16]
     m = model_cfg
     return (f"{cpu_model()} | jaxlib {importlib.metadata.version('jaxlib')} | {mesh.size} devices | "
@@ -99,23 +101,32 @@ def first_step_disagreement(reference, other) -> float:
     return worst
 
 
-def record_verdict(key: str, ms_per_step: dict[str, float], disagreement: dict[str, float]) -> dict:
-    """Record which dot library this host should use for `key`, from each one's measured step
-    time ("xla" among them) and its first step's `first_step_disagreement` with XLA's default: the
-    fastest of those within AGREEMENT, if it beats XLA's default by MARGIN. Returns the verdict."""
+def record_verdict(key: str, round_ms: dict[str, Sequence[float]], disagreement: dict[str, float]) -> dict:
+    """Record which dot library this host should use for `key`, from each one's step time in each
+    of the alternating rounds ("xla" among them) and its first step's `first_step_disagreement` with
+    XLA's default: the fastest (median) of those within AGREEMENT, if its median beats XLA's
+    default's by MARGIN and it was faster in every round. A round's times were taken minutes apart
+    at most, under the same load; a library that loses one of them won its median on the host's
+    drift, not on its products (docs/benchmarks.md, "AMD EPYC host again"). Returns the verdict."""
+    ms_per_step = {k: float(np.median(v)) for k, v in round_ms.items()}
+    wins = {k: sum(a < b for a, b in zip(v, round_ms["xla"], strict=True)) for k, v in round_ms.items()}
     agreeing = {k: v for k, v in ms_per_step.items() if k == "xla" or disagreement[k] <= AGREEMENT}
-    best = min(agreeing, key=agreeing.get)
-    choice = best if agreeing[best] < (1 - MARGIN) * ms_per_step["xla"] else "xla"
+    steady = {k: v for k, v in agreeing.items() if k == "xla" or wins[k] == len(round_ms["xla"])}
+    best = min(steady, key=steady.get)
+    choice = best if steady[best] < (1 - MARGIN) * ms_per_step["xla"] else "xla"
     verdict = {"dot_library": choice, "ms_per_step": {k: round(v, 3) for k, v in ms_per_step.items()},
+               "rounds_faster_than_xla": {k: wins[k] for k in round_ms if k != "xla"},
+               "rounds": len(round_ms["xla"]),
                "disagreement": {k: float(f"{v:.3g}") for k, v in disagreement.items()},
                "refused": sorted(set(ms_per_step) - set(agreeing)), "measured": time.strftime("%Y-%m-%d")}
     paths.record_in_cache(RECORDS, key, verdict)
     return verdict
 
 
-def record_for_run(cfg, vocab_size: int, ms_per_step: dict[str, float], disagreement: dict[str, float]) -> dict:
-    """Record the verdict of `python -m gptjax.bench CONFIG --tune` (each library's step time, timed
-    in alternating rounds, and its first-step disagreement with XLA's default) for the run `cfg`
+def record_for_run(cfg, vocab_size: int, round_ms: dict[str, Sequence[float]],
+                   disagreement: dict[str, float]) -> dict:
+    """Record the verdict of `python -m gptjax.bench CONFIG --tune` (each library's step time in
+    each alternating round, and its first-step disagreement with XLA's default) for the run `cfg`
     describes."""
     return record_verdict(run_key(cfg, cfg.model_config(vocab_size), sharding.make_mesh(cfg.dp, cfg.fsdp)),
-                          ms_per_step, disagreement)
+                          round_ms, disagreement)

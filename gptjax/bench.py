@@ -52,6 +52,7 @@ class Row:
     note: str = ""
     variant: str = ""  # a --vs row's config overrides
     flops_per_s: float = float("nan")  # model FLOPs (nanoGPT's count) per second; NaN for sampling rows
+    round_ms: list[float] = dataclasses.field(default_factory=list)  # a train-step row's ms/iter in each round
 
     @property
     def label(self) -> str:
@@ -112,7 +113,8 @@ def measure(runners: Sequence[Runner], cfg: TrainConfig, name: str, n_steps: int
         dt = float(np.median(r_times))
         mem = _peak_mem_mb() if r.impl == "gptjax" else None
         rows.append(Row(r.impl, name, dt * 1e3, cfg.tokens_per_iter / dt, mfu(r.flops_per_iter, dt), r.compile_s, mem,
-                        variant=r.variant, flops_per_s=r.flops_per_iter / dt))
+                        variant=r.variant, flops_per_s=r.flops_per_iter / dt,
+                        round_ms=[t * 1e3 for t in r_times]))
     return rows
 
 
@@ -242,7 +244,7 @@ def run(argv: Sequence[str] | None = None, tune_cpu: bool = False) -> list[Row]:
         from gptjax.sampling_bench import bench_sampling  # it builds on this module's rows
 
         rows += bench_sampling(cfg, name, vocab_size, args.sample, args.compare == "torch", args.rounds)
-    verdict = (autotune.record_for_run(cfg, vocab_size, _by_library(rows, lambda r: r.ms_per_iter), disagreement)
+    verdict = (autotune.record_for_run(cfg, vocab_size, _by_library(rows, lambda r: r.round_ms), disagreement)
                if args.tune else None)
     if verdict:
         say(f"recorded for this host and model: {verdict}")
