@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,7 +61,8 @@ def host(packages=("jax", "jaxlib", "flax", "optax", "torch")) -> str:
 
 def nanogpt_cpu_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int = 2000) -> dict:
     """nanoGPT's train.py on its CPU recipe (`iters` iterations, evaluated at the end): wall clock
-    of the whole process, its last in-run val loss (20 batches) and its ckpt.pt."""
+    of the whole process, the median of its logged iteration times, its last in-run val loss (20
+    batches) and its ckpt.pt."""
     missing = [name for name in ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py")
                if not (nanogpt / name).is_file()]
     if missing:
@@ -84,8 +86,9 @@ def nanogpt_cpu_recipe(nanogpt: Path, data_dir: Path, out_dir: Path, iters: int 
     if proc.returncode:
         raise RuntimeError(f"nanoGPT's train.py failed:\n{proc.stderr[-2000:]}")
     step, val = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", proc.stdout)[-1]
+    step_ms = [float(ms) for ms in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", proc.stdout)]
     return {"impl": f"nanoGPT train.py, {iters} iters", "wall_s": wall, "iters": int(step),
-            "val_loss_20": float(val), "ckpt": out_dir / "ckpt.pt"}
+            "val_loss_20": float(val), "step_ms": statistics.median(step_ms), "ckpt": out_dir / "ckpt.pt"}
 
 
 def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, cache_dir: Path | None = None) -> dict:
@@ -93,7 +96,7 @@ def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, c
     its compiled programs are kept (an empty one makes the run compile everything, as a first does).
     A new cache_dir starts with this host's measured choices (`gptjax.autotune`'s records, which
     `python -m gptjax.bench CONFIG --tune` writes), as the user's own cache would hold them; the
-    row names the dot library the run took."""
+    row names the dot library the run took and the median of its logged step times."""
     from gptjax import autotune, paths
 
     cmd = [sys.executable, "-m", "gptjax.train", config, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]
@@ -112,9 +115,11 @@ def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, c
     library = re.search(r"dots (\w+);", proc.stdout)  # the run's first line says which
     if library is None:
         raise RuntimeError(f"{' '.join(cmd)} printed no kernels line ('dots NAME;'), so which library it ran is unknown")
-    last = [json.loads(line) for line in open(out_dir / "metrics.jsonl") if "val_loss" in line][-1]
+    records = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    last = [r for r in records if "val_loss" in r][-1]
     return {"impl": f"gptjax {config}{' ' + ' '.join(overrides) if overrides else ''} (dots {library.group(1)})", "wall_s": wall,
-            "iters": last["iter"], "val_loss_20": last["val_loss"], "run": out_dir}
+            "iters": last["iter"], "val_loss_20": last["val_loss"],
+            "step_ms": statistics.median(r["dt_ms"] for r in records if "dt_ms" in r), "run": out_dir}
 
 
 def eval_200(init_from: Path, config: str, data_dir: Path) -> float:

@@ -10,8 +10,10 @@ evaluations and saves count for both. gptjax's compilation cache starts empty, s
 everything (a user's first run) and later rounds start from the programs it kept (every run after);
 the host's measured choices (`python -m gptjax.bench shakespeare_char_cpu --vocab_size=65 --tune`'s
 record, if one was made) are carried over, and each row names the dot library its run took.
-Both final models are then evaluated the same way, by gptjax on 200 validation batches. Prints a
-markdown table and writes it to --out.
+Each row also splits its wall clock: the median of the run's logged step times, and what the
+run spent besides `iters` steps at that median (start-up, compilation, evaluations, saves, and the
+steps slower than the median). Both final models are then evaluated the same way, by gptjax on 200
+validation batches. Prints a markdown table and writes it to --out.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ def table(rows: list[dict], command: str) -> str:
     base = [r for r in rows if r["impl"].startswith("nanoGPT")]
     mean_nanogpt = sum(r["wall_s"] for r in base) / len(base)
     lines = [f"Host: {host()}; {time.strftime('%Y-%m-%d')}; command: {command}", "",
-             "| round | run | iters | wall clock s | nanoGPT's mean wall / this | val loss (20 batches, in-run) | "
-             f"val loss ({EVAL_BATCHES} batches, after) |", "|---|---|---|---|---|---|---|"]
+             "| round | run | iters | wall clock s | nanoGPT's mean wall / this | median step ms | "
+             "wall - iters x median step s | val loss (20 batches, in-run) | "
+             f"val loss ({EVAL_BATCHES} batches, after) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['round']} | {r['impl']} | {r['iters']} | {r['wall_s']:.1f} | "
-                     f"{mean_nanogpt / r['wall_s']:.2f}x | {r['val_loss_20']:.4f} | {r['val_loss_200']:.4f} |")
+                     f"{mean_nanogpt / r['wall_s']:.2f}x | {r['step_ms']:.1f} | "
+                     f"{r['wall_s'] - r['iters'] * r['step_ms'] / 1e3:.1f} | {r['val_loss_20']:.4f} | {r['val_loss_200']:.4f} |")
     return "\n".join(lines)
 
 
