@@ -247,30 +247,37 @@ def split_devices(batch_size: int, max_devices: int = 8, dp: int = -1, fsdp: int
 
 
 # glibc mallopt() parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # on 64-bit: bigger blocks always get their own mmap
+_GLIBC_HEAP_MAX = 2 * _GLIBC_MMAP_THRESHOLD_MAX  # the size of each heap of a thread's arena
 
 
 def keep_freed_memory(largest_buffer_bytes: int) -> bool:
-    """On a CPU-only Linux (glibc) host, let malloc reuse freed memory instead of handing it back
-    to the kernel, when the train step's buffers are big enough to need it. XLA's CPU runtime
-    allocates each step's activations afresh, and glibc serves blocks over 32 MB with new mmap()s
-    that the kernel zeroes page by page on first touch; one reused heap, like PyTorch's caching
-    allocator, removes that. The process then keeps its peak memory until it exits. Smaller steps
-    are left alone: glibc already reuses their blocks, and one shared heap slows their many small
-    steps.
+    """On a CPU-only Linux (glibc) host, let malloc keep freed memory for reuse instead of handing
+    it back to the kernel, which zeroes each page again on its next first touch. XLA's CPU runtime
+    allocates each step's buffers afresh on its pool threads, and glibc returns them between steps
+    in three ways: a block over its (moving) mmap threshold gets an mmap of its own; a thread
+    arena's freed top is trimmed; and where older allocations fill a thread arena's heap, the step's
+    buffers go to a new heap, unmapped again once they are freed. Which of these happens depends on
+    what the process allocated before, so the same step runs at two speeds in different processes
+    (docs/benchmarks.md, "Two speeds in one host"). Never mmapping blocks, never trimming, and a
+    heap's worth of top padding (glibc unmaps an emptied heap only when the heap before it has less
+    than that free) stop all three. Steps whose activations exceed 32 MB also put every thread in
+    one arena, one heap reused in turn, which measured faster for them and slower for smaller ones.
+    The process then keeps its peak memory until it exits.
 
     Must run before JAX starts its threads (the one-arena setting applies to threads created
-    later). GPTJAX_KEEP_MEMORY=0 turns it off, =1 forces it. Returns whether it was applied."""
-    wanted = os.environ.get("GPTJAX_KEEP_MEMORY")
-    if wanted == "0" or (wanted != "1" and largest_buffer_bytes <= _GLIBC_MMAP_THRESHOLD_MAX):
+    later). GPTJAX_KEEP_MEMORY=0 turns it off. Returns whether it was applied."""
+    if os.environ.get("GPTJAX_KEEP_MEMORY") == "0":
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     if _accelerator_installed() or _backend_started():
         return False
+    settings = [(_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, _GLIBC_HEAP_MAX)]  # -1: SIZE_MAX, never
+    if largest_buffer_bytes > _GLIBC_MMAP_THRESHOLD_MAX:
+        settings.append((_M_ARENA_MAX, 1))
     libc = ctypes.CDLL(None)
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))  # -1: SIZE_MAX, never trim
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
@@ -284,7 +291,7 @@ def largest_activation_bytes(batch_size: int, block_size: int, n_embd: int, n_he
 def tune_host(cfg) -> None:
     """The CPU host settings for a TrainConfig's run, applied by the command-line entry points
     before JAX starts (no-ops on accelerator hosts): split the cores into devices, keep freed
-    memory if it pays."""
+    memory for the next step."""
     n_devices = split_devices(cfg.batch_size, dp=cfg.dp, fsdp=cfg.fsdp)
     keep_freed_memory(largest_activation_bytes(cfg.batch_size, cfg.block_size, cfg.n_embd, cfg.n_head, n_devices))
 

@@ -285,13 +285,56 @@ def test_keep_freed_memory_reuses_big_blocks_without_page_faults():
     assert untuned_faults > 10 * max(faults, 100)
 
 
-def test_keep_freed_memory_only_for_big_steps(monkeypatch):
-    monkeypatch.delenv("GPTJAX_KEEP_MEMORY", raising=False)
-    # nanoGPT's CPU recipe over 2 devices: 0.8 MB buffers, which glibc already reuses
-    small = cpu.largest_activation_bytes(batch_size=12, block_size=64, n_embd=128, n_head=4, n_devices=2)
-    assert small == 4 * 6 * 64 * 512 and cpu.keep_freed_memory(small) is False
-    # shakespeare_char: (32, 6, 256, 256) attention scores per device, 50 MB
+_ARENA_PROBE = """
+import resource, sys, threading
+import numpy as np
+from gptjax import cpu
+# nanoGPT's CPU recipe over 2 devices: 0.8 MB activations, under glibc's largest mmap threshold
+applied = cpu.keep_freed_memory(cpu.largest_activation_bytes(12, 64, 128, 4, n_devices=2))
+def step():  # a step's buffers on one of XLA's pool threads: many 1 MB blocks, written, then freed
+    blocks = [np.ones(2**18, np.float32) for _ in range(24)]
+    return sum(float(b[-1]) for b in blocks)
+def run(out):
+    kept = [np.ones(2**18, np.float32) for _ in range(62)]  # older blocks that fill the thread arena's heap
+    step(); step()
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for _ in range(10):
+        step()
+    out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+out = []
+worker = threading.Thread(target=run, args=(out,))
+worker.start()
+worker.join()
+print(applied, out[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc tuning is for Linux with glibc")
+def test_keep_freed_memory_keeps_a_full_thread_arenas_step_buffers():
+    """The two-speed step (docs/benchmarks.md, "Two speeds in one host"): where older blocks fill a
+    thread arena's heap, glibc puts each step's buffers in a new heap and unmaps it once they are
+    freed, so every step faults its pages in again; kept memory is reused."""
+    env = {**os.environ, "NUMPY_MADVISE_HUGEPAGE": "0", "JAX_PLATFORMS": "cpu"}
+    pages = 10 * 24 * 2**20 // 4096
+
+    def probe(keep: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _ARENA_PROBE], env={**env, "GPTJAX_KEEP_MEMORY": keep},
+                             check=True, capture_output=True, text=True).stdout.split()
+        return out[0], int(out[1])
+
+    applied, faults = probe("")
+    assert applied == "True"
+    assert faults < 0.02 * pages, f"{faults} page faults for {pages} pages of reused memory"
+    applied, untuned_faults = probe("0")  # glibc's default
+    assert applied == "False" and untuned_faults > 10 * max(faults, 100), untuned_faults
+
+
+def test_activation_size_and_the_off_switch(monkeypatch):
+    # nanoGPT's CPU recipe over 2 devices: 0.8 MB buffers, one arena per thread
+    assert cpu.largest_activation_bytes(batch_size=12, block_size=64, n_embd=128, n_head=4, n_devices=2) == 4 * 6 * 64 * 512
+    # shakespeare_char: (32, 6, 256, 256) attention scores per device, 50 MB: one arena for all threads
     big = cpu.largest_activation_bytes(batch_size=64, block_size=256, n_embd=384, n_head=6, n_devices=2)
-    assert big == 4 * 32 * 6 * 256 * 256
+    assert big == 4 * 32 * 6 * 256 * 256 > cpu._GLIBC_MMAP_THRESHOLD_MAX
     monkeypatch.setenv("GPTJAX_KEEP_MEMORY", "0")
     assert cpu.keep_freed_memory(big) is False
