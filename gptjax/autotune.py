@@ -106,8 +106,8 @@ def record_verdict(key: str, round_ms: dict[str, Sequence[float]], disagreement:
     of the alternating rounds ("xla" among them) and its first step's `first_step_disagreement` with
     XLA's default: the fastest (median) of those within AGREEMENT, if its median beats XLA's
     default's by MARGIN and it was faster in every round. A round's times were taken minutes apart
-    at most, under the same load; a library that loses one of them won its median on the host's
-    drift, not on its products (docs/benchmarks.md, "AMD EPYC host again"). Returns the verdict."""
+    at most, under the same load; a library that loses one of them may owe its median to the host's
+    drift rather than its products (docs/benchmarks.md, "Two speeds in one host"). Returns the verdict."""
     ms_per_step = {k: float(np.median(v)) for k, v in round_ms.items()}
     wins = {k: sum(a < b for a, b in zip(v, round_ms["xla"], strict=True)) for k, v in round_ms.items()}
     agreeing = {k: v for k, v in ms_per_step.items() if k == "xla" or disagreement[k] <= AGREEMENT}

@@ -249,7 +249,7 @@ def split_devices(batch_size: int, max_devices: int = 8, dp: int = -1, fsdp: int
 # glibc mallopt() parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # on 64-bit: bigger blocks always get their own mmap
-_GLIBC_HEAP_MAX = 2 * _GLIBC_MMAP_THRESHOLD_MAX  # the size of each heap of a thread's arena
+_GLIBC_HEAP_MAX = 2 * _GLIBC_MMAP_THRESHOLD_MAX  # the largest heap of a thread's arena
 
 
 def keep_freed_memory(largest_buffer_bytes: int) -> bool:
