@@ -103,10 +103,10 @@ def gptjax_recipe(config: str, data_dir: Path, out_dir: Path, *overrides: str, c
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     if cache_dir is not None:
         env["GPTJAX_CACHE_DIR"] = str(cache_dir)
-        records = paths.cache_root() / autotune.RECORDS
-        if records.is_file() and not (cache_dir / autotune.RECORDS).exists():
+        host_choices = paths.cache_root() / autotune.RECORDS
+        if host_choices.is_file() and not (cache_dir / autotune.RECORDS).exists():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copy(records, cache_dir / autotune.RECORDS)
+            shutil.copy(host_choices, cache_dir / autotune.RECORDS)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - start

@@ -152,16 +152,16 @@ def test_a_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatc
     key = autotune.run_key(cfg, cfg.model_config(64), mesh)
     agree = {"xla": 0.0, "onednn": 1e-7}  # the first steps' disagreement with XLA's default
     assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"  # nothing measured
-    steps = lambda *ms: list(ms)  # one library's ms per step in each alternating round
-    verdict = autotune.record_verdict(key, {"xla": steps(10, 10, 10), "onednn": steps(9.7, 9.7, 9.6)}, agree)
+    # each library's ms per step in each alternating round
+    verdict = autotune.record_verdict(key, {"xla": [10, 10, 10], "onednn": [9.7, 9.7, 9.6]}, agree)
     assert verdict["dot_library"] == "xla"  # within the margin
     assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
     # 20% faster in the median but slower in one round: the host's drift, not the library
-    verdict = autotune.record_verdict(key, {"xla": steps(10, 12, 10), "onednn": steps(8, 8, 10.5)}, agree)
+    verdict = autotune.record_verdict(key, {"xla": [10, 12, 10], "onednn": [8, 8, 10.5]}, agree)
     assert (verdict["dot_library"], verdict["rounds_faster_than_xla"], verdict["rounds"]) == ("xla", {"onednn": 2}, 3)
     assert verdict["ms_per_step"] == {"xla": 10.0, "onednn": 8.0}
     assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == "xla"
-    assert autotune.record_verdict(key, {"xla": steps(10, 12, 10), "onednn": steps(8, 8, 9)}, agree)["dot_library"] == "onednn"
+    assert autotune.record_verdict(key, {"xla": [10, 12, 10], "onednn": [8, 8, 9]}, agree)["dot_library"] == "onednn"
     chosen = autotune.for_run(cfg, cfg.model_config(64), mesh)
     assert (chosen.dot_library, chosen.row_blocks) == ("onednn", False)
     # another width is another verdict; a named library is taken as it is
@@ -172,11 +172,11 @@ def test_a_run_takes_the_dot_library_recorded_for_this_host(tmp_path, monkeypatc
     named = dataclasses.replace(cfg, dot_library="xla")
     assert autotune.for_run(named, named.model_config(64), mesh).dot_library == "xla"
     # the fastest library computing another step is refused; the fastest of the rest is taken
-    verdict = autotune.record_verdict(key, {"xla": steps(10), "onednn": steps(7), "eigen": steps(8)},
+    verdict = autotune.record_verdict(key, {"xla": [10], "onednn": [7], "eigen": [8]},
                                       {"xla": 0.0, "onednn": 0.03, "eigen": 3e-7})
     assert (verdict["dot_library"], verdict["refused"]) == ("eigen", ["onednn"])
     assert autotune.for_run(cfg, cfg.model_config(64), mesh).dot_library == "eigen"
-    verdict = autotune.record_verdict(key, {"xla": steps(10), "onednn": steps(7)}, {"xla": 0.0, "onednn": float("inf")})
+    verdict = autotune.record_verdict(key, {"xla": [10], "onednn": [7]}, {"xla": 0.0, "onednn": float("inf")})
     assert (verdict["dot_library"], verdict["refused"]) == ("xla", ["onednn"])
     (tmp_path / "autotune.json").write_text("{not json")
     with pytest.warns(UserWarning, match="delete it and measure again"):
